@@ -100,6 +100,15 @@ $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
 	  --output_dir $(ADAPTER) --model_max_length $(MAX_LEN) --use_lora True --q_lora False \
 	  --enable_dialect_router False --overwrite_output_dir True $(TRAIN_ARGS)
 
+# ---- stage 3: merge + 4-bit quantization + manifest ----------------------------------------------------------------
+CALIB_SAMPLES ?= 64
+CALIB_MAX_LEN ?= 1024
+package: $(QUANT)/oracle_manifest.json
+$(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/package_oracle_model.py
+	$(PY) $(PKG)/package_oracle_model.py --base_model $(BASE_MODEL) --lora_adapter $(ADAPTER) \
+	  --merged_out $(MERGED) --quant_out $(QUANT) --quant_method $(QUANT_METHOD) --calib_data $(SFT) \
+	  --num_calib_samples $(CALIB_SAMPLES) --calib_max_seq_len $(CALIB_MAX_LEN) --group_size 128 --force
+
 # ---- tests -------------------------------------------------------------------------------------------------------
 # pytest's exit code 5 (no tests collected) fails the target like any other failure.
 test: venv venv-serve tiny

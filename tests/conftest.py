@@ -60,3 +60,10 @@ def trained_adapter(demo_runs, demo_dataset) -> Path:
     """`make train`: real accelerate launch, DeepSpeed ZeRO-3, 2 CPU processes, LoRA on the tiny LLaMA."""
     run_make("train", demo_runs, 2400)
     return demo_runs / "adapter"
+
+
+@pytest.fixture(scope="session")
+def packaged_model(demo_runs, trained_adapter) -> dict:
+    """`make package`: streaming merge of the trained adapter, 4-bit AWQ with domain calibration, manifest."""
+    run_make("package", demo_runs, 2400)
+    return {"merged": demo_runs / "merged", "quant": demo_runs / "quant"}

@@ -1,0 +1,178 @@
+"""Dataset builder: one row per validation rule, real sqlglot, real tokenizer, real files, the CLI as users run it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PKG, ROOT
+import build_oracle_sft_dataset as builder
+
+SCRIPT = PKG / "build_oracle_sft_dataset.py"
+CTX = {"tables": [
+    {"name": "AP_INVOICES_ALL", "description": "AP invoice headers",
+     "columns": [{"name": "INVOICE_ID", "type": "NUMBER"}, {"name": "INVOICE_NUM", "type": "VARCHAR2(50)"},
+                 {"name": "VENDOR_ID", "type": "NUMBER"}, {"name": "INVOICE_AMOUNT", "type": "NUMBER"},
+                 {"name": "ORG_ID", "type": "NUMBER"}]},
+    {"name": "AP_SUPPLIERS", "columns": [{"name": "VENDOR_ID", "type": "NUMBER"},
+                                         {"name": "VENDOR_NAME", "type": "VARCHAR2(240)"}]}],
+    "joins": ["AP_INVOICES_ALL.VENDOR_ID = AP_SUPPLIERS.VENDOR_ID"],
+    "columns": ["AP_INVOICES_ALL.INVOICE_AMOUNT"], "synonyms": {"supplier": "AP_SUPPLIERS.VENDOR_NAME"},
+    "security_filters": [{"table": "AP_INVOICES_ALL", "column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}]}
+GOOD_SQL = ("SELECT S.VENDOR_NAME, SUM(AI.INVOICE_AMOUNT) FROM AP_INVOICES_ALL AI JOIN AP_SUPPLIERS S "
+            "ON AI.VENDOR_ID = S.VENDOR_ID WHERE AI.ORG_ID IN (:org_ids) GROUP BY S.VENDOR_NAME")
+
+
+def rec(question="Total invoice amount by supplier", sql=GOOD_SQL, **kw):
+    return json.dumps({"question": question, "sql": sql, "context": CTX, **kw})
+
+
+# One row per validation rule: raw line -> expected reason (None = accepted).
+CASES = [
+    ("valid", rec(), None),
+    ("sql_gold alias", json.dumps({"question": "q alias", "sql_gold": GOOD_SQL, "context": CTX}), None),
+    ("trailing semicolon normalized", rec(sql=GOOD_SQL + ";"), None),
+    ("invalid json", '{"question": "x", "sql": ', "invalid_json"),
+    ("missing sql", json.dumps({"question": "q", "context": CTX}), "schema"),
+    ("blank question", rec(question="   "), "schema"),
+    ("no tables in context", json.dumps({"question": "q", "sql": GOOD_SQL, "context": {"tables": []}}), "schema"),
+    ("bad split value", rec(split="test"), "schema"),
+    ("unparseable sql", rec(sql="SELECT FROM WHERE ("), "parse_error"),
+    ("DML", rec(sql="DELETE FROM AP_INVOICES_ALL WHERE ORG_ID IN (:org_ids)"), "unsafe"),
+    ("two statements", rec(sql="SELECT 1 FROM DUAL; SELECT 2 FROM DUAL"), "contract"),
+    ("unknown table", rec(sql="SELECT X.A FROM AP_HOLDS_ALL X"), "unknown_table"),
+    ("unknown column", rec(sql="SELECT AI.INVOICE_TOTAL FROM AP_INVOICES_ALL AI WHERE AI.ORG_ID IN (:org_ids)"),
+     "unknown_column"),
+    ("missing MOAC filter", rec(sql="SELECT AI.INVOICE_NUM FROM AP_INVOICES_ALL AI"), "security_filter"),
+]
+
+
+@pytest.mark.parametrize("name, line, reason", CASES, ids=[c[0] for c in CASES])
+def test_validation_rules(name, line, reason):
+    accepted, rejected = builder.validate_record(7, line, catalog=None, policy=builder.sql_guardrail.load_policy())
+    if reason is None:
+        assert rejected is None and accepted["sql"] == GOOD_SQL
+    else:
+        assert accepted is None and rejected["reason"] == reason and rejected["line"] == 7, rejected
+
+
+def test_global_catalog_also_constrains():
+    catalog = {"AP_INVOICES_ALL": {"INVOICE_ID": "NUMBER", "ORG_ID": "NUMBER", "VENDOR_ID": "NUMBER"},
+               "AP_SUPPLIERS": {"VENDOR_ID": "NUMBER", "VENDOR_NAME": "VARCHAR2(240)"}}
+    _, rejected = builder.validate_record(1, rec(), catalog=catalog, policy=builder.sql_guardrail.load_policy())
+    assert rejected["reason"] == "unknown_column" and "INVOICE_AMOUNT" in rejected["detail"]
+
+
+def records(*pairs):
+    return [{"line": i + 1, "id": f"r{i}", "question": q, "sql": s, "norm_sql": s, "context": CTX, "split": sp,
+             "tags": []} for i, (q, s, sp) in enumerate(pairs)]
+
+
+def test_duplicates_and_leak_free_split():
+    recs = records(("Q one", "S1", None), ("q  ONE?", "S2", None), ("Q two", "S1", None),
+                   ("Q three", "S3", "holdout"), ("Q four", "S3", "train"))
+    train, holdout, rejects = builder.dedupe_and_split(recs, holdout_fraction=0.0, seed=0)
+    assert [r["id"] for r in train] == ["r0", "r2"] and [r["id"] for r in holdout] == ["r3"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "duplicate"), (5, "split_leak")]
+
+
+def test_split_is_grouped_by_sql_and_order_independent():
+    recs = records(*[(f"question {i}", f"SQL{i % 20}", None) for i in range(200)])
+    train, holdout, _ = builder.dedupe_and_split(recs, holdout_fraction=0.3, seed=1)
+    assert not {r["norm_sql"] for r in train} & {r["norm_sql"] for r in holdout}
+    assert 0.1 < len(holdout) / 200 < 0.5
+    train2, holdout2, _ = builder.dedupe_and_split(list(reversed(recs)), holdout_fraction=0.3, seed=1)
+    assert {r["id"] for r in holdout2} == {r["id"] for r in holdout}
+
+
+def test_token_counts_equal_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    raw = [json.loads(line) for line in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()[:20]]
+    sft = [builder.sft_record({"id": str(i), "question": r["question"], "sql": r["sql"], "context": r["context"],
+                               "tags": []}) for i, r in enumerate(raw)]
+    for r, (total, answer) in zip(sft, builder.token_counts(tok, sft, batch=7)):
+        full = tok.apply_chat_template(r["conversations"], tokenize=True)["input_ids"]
+        prompt = tok.apply_chat_template(r["conversations"][:1], tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert (total, answer) == (len(full), len(full) - len(prompt))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def write_raw(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_end_to_end_counts_rejects_and_limits(tmp_path, tiny_model_dir):
+    long_q = "Total invoice amount by supplier " + "please " * 600
+    lines = [rec(), "{broken", rec(question="Invoices per supplier", sql="DROP TABLE AP_SUPPLIERS"),
+             rec(question=long_q), "", rec(question="total invoice amount by supplier?")]
+    raw = write_raw(tmp_path / "raw.jsonl", lines)
+    out = tmp_path / "out" / "sft.json"
+    r = run_cli("--input_raw", str(raw), "--output_sft", str(out), "--dataset_id", "t1", "--tokenizer",
+                str(tiny_model_dir), "--model_max_length", "1000", "--catalog_out", str(tmp_path / "cat.json"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert len(data) == 1 and data[0]["conversations"][1] == {"role": "assistant", "content": GOOD_SQL}
+    assert data[0]["sql_type"] == "oracle" and data[0]["conversations"][0]["role"] == "user"
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "sft.rejects.jsonl").read_text().splitlines()]
+    assert [(x["line"], x["reason"]) for x in rejects] == [
+        (2, "invalid_json"), (3, "unsafe"), (4, "too_long"), (5, "empty_line"), (6, "duplicate")]
+    assert "tokens > model_max_length 1000" in rejects[2]["detail"]
+    manifest = json.loads((tmp_path / "out" / "sft.manifest.json").read_text())
+    assert manifest["counts"]["lines"] == len(lines) == len(data) + len(rejects)
+    assert manifest["output_sha256"] == builder.sha256_file(out)
+    assert manifest["prompt_template_sha256"] == builder.template_sha256()
+    assert json.loads((tmp_path / "cat.json").read_text())["AP_SUPPLIERS"]["VENDOR_NAME"] == "VARCHAR2(240)"
+    # An existing output is never overwritten silently.
+    again = run_cli("--input_raw", str(raw), "--output_sft", str(out), "--dataset_id", "t1")
+    assert again.returncode == 2 and "output exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_answer_longer_than_output_cap_rejected(tmp_path, tiny_model_dir):
+    raw = write_raw(tmp_path / "raw.jsonl", [rec()])
+    r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "o.json"), "--dataset_id", "t",
+                "--tokenizer", str(tiny_model_dir), "--max_output_tokens", "5")
+    assert r.returncode == 2 and "no valid training records" in r.stderr and "answer_too_long" in r.stderr
+    assert not list(tmp_path.glob("o*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input_raw", "missing.jsonl"], "input not found"),
+    (["--input_raw", "RAW", "--tokenizer", "/nonexistent/tok"], "cannot load tokenizer"),
+    (["--input_raw", "RAW", "--catalog", "/nonexistent/catalog.json"], "catalog"),
+])
+def test_bad_paths_one_line_no_output(tmp_path, args, message):
+    raw = write_raw(tmp_path / "raw.jsonl", [rec()])
+    args = [str(raw) if a == "RAW" else a for a in args]
+    r = run_cli(*args, "--output_sft", str(tmp_path / "o.json"), "--dataset_id", "t")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_zero_valid_rows_fails_without_outputs(tmp_path):
+    raw = write_raw(tmp_path / "raw.jsonl", ["{bad", "[1, 2]"])
+    r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "o.json"), "--dataset_id", "t")
+    assert r.returncode == 2 and "no valid training records" in r.stderr
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_bad_flag_exits_2():
+    r = run_cli("--input_raw", "x", "--output_sft", "y", "--dataset_id", "z", "--holdout_fraction", "1.5")
+    assert r.returncode == 2 and "holdout_fraction" in r.stderr
+
+
+def test_make_dataset_on_demo_data(demo_dataset):
+    manifest = json.loads(demo_dataset["manifest"].read_text())
+    train = json.loads(demo_dataset["train"].read_text())
+    holdout = json.loads(demo_dataset["holdout"].read_text())
+    assert manifest["counts"]["train"] == len(train) >= 150 and len(holdout) >= 10
+    assert manifest["counts"]["lines"] == 216 and manifest["counts"]["rejected"] == {}
+    assert not {r["sql"] for r in train} & {r["sql"] for r in holdout}
+    assert not {r["question"].lower() for r in train} & {r["question"].lower() for r in holdout}
+    catalog = json.loads(demo_dataset["catalog"].read_text())
+    assert "AP_INVOICES_ALL" in catalog and demo_dataset["rejects"].read_text() == ""
