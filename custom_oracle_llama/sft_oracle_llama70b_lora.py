@@ -172,8 +172,9 @@ def partition_report(model) -> dict:
     partitioned = [p for p in params if hasattr(p, "ds_numel") and p.numel() < p.ds_numel]
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     local = sum(p.numel() for p in params)
+    base_linear = next((type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj.base_layer")), None)
     return {"params": len(params), "partitioned_params": len(partitioned), "total_numel": total,
-            "numel_on_this_rank_outside_zero": local}
+            "numel_on_this_rank_outside_zero": local, "base_linear_class": base_linear}
 
 
 # ---- adapter verification (ZeRO-3 + LoRA can silently save empty adapters) ---------------------------------------
@@ -271,8 +272,9 @@ def parse_args(argv=None):
 
 def train(argv=None, load_model=load_bf16_model) -> dict:
     margs, dargs, targs = parse_args(argv)
-    if margs.q_lora and load_model is load_bf16_model:
-        raise StageError("--q_lora True: use sft_oracle_llama70b_qlora.py (4-bit base)")
+    if margs.q_lora != (load_model is not load_bf16_model):
+        raise StageError("--q_lora True needs sft_oracle_llama70b_qlora.py (4-bit base); "
+                         "sft_oracle_llama70b_qlora.py needs --q_lora True")
     check_output_dir(targs)
     rank0 = targs.process_index == 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(margs.model_name_or_path)

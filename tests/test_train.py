@@ -164,3 +164,26 @@ def test_resume_continues_from_checkpoint(trained_adapter, tmp_path, demo_datase
     state = json.loads((run / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
     assert state["global_step"] == step + 2
     assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [step + 1, step + 2]
+
+
+def test_qlora_nf4_run_on_cpu(tmp_path, tiny_model_dir):
+    """QLoRA path for real: bitsandbytes NF4 base (its CPU fallback), LoRA, the same checks and manifest."""
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"id": str(i), "conversations": chat_messages(f"Invoices above {i}00?", CONTEXT,
+                                                                              answer_sql=SQL)} for i in range(8)]))
+    r = subprocess.run([sys.executable, str(PKG / "sft_oracle_llama70b_qlora.py"), "--model_name_or_path",
+                        str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "q"),
+                        "--model_max_length", "2048", "--max_steps", "4", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--learning_rate", "3e-3"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "q" / "training_manifest.json").read_text())
+    assert manifest["zero3_partition_rank0"]["base_linear_class"] == "Linear4bit"
+    assert manifest["model_args"]["q_lora"] is True and manifest["adapter"]["lora_tensors"] == 56
+    assert manifest["final_loss"] < manifest["first_loss"]
+
+
+def test_lora_entrypoint_refuses_q_lora(tmp_path, tiny_model_dir):
+    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
+                       "--output_dir", str(tmp_path / "o"), "--q_lora", "True")
+    assert r.returncode == 2 and "sft_oracle_llama70b_qlora.py" in r.stderr and "Traceback" not in r.stderr
