@@ -44,7 +44,8 @@ SERVE_MODEL ?= $(QUANT)
 VLLM_CONFIG ?= $(PKG)/inference/vllm_config_cpu.yaml
 XIYAN_ROOT ?=
 
-.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test clean-runs
+.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test clean-runs wheelhouse \
+  install-offline install-into-xiyan
 
 help:
 	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
@@ -108,6 +109,32 @@ $(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/packa
 	$(PY) $(PKG)/package_oracle_model.py --base_model $(BASE_MODEL) --lora_adapter $(ADAPTER) \
 	  --merged_out $(MERGED) --quant_out $(QUANT) --quant_method $(QUANT_METHOD) --calib_data $(SFT) \
 	  --num_calib_samples $(CALIB_SAMPLES) --calib_max_seq_len $(CALIB_MAX_LEN) --group_size 128 --force
+
+# ---- air-gapped install ----------------------------------------------------------------------------------------
+# On a connected machine: make wheelhouse WHEELHOUSE=/media/usb/wheels   (every pinned wheel of both environments,
+# sdists built into wheels, plus pip itself). On the air-gapped one: make install-offline WHEELHOUSE=/media/usb/wheels
+WHEELHOUSE ?= wheelhouse
+wheelhouse: $(VENV)/.installed
+	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE)/oracle pip==26.3 -r requirements-oracle.txt
+	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE)/serve pip==26.3 -r $(PKG)/inference/requirements-serve.txt
+	@echo "wheelhouse: $$(ls $(WHEELHOUSE)/oracle | wc -l) + $$(ls $(WHEELHOUSE)/serve | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1) in $(WHEELHOUSE)"
+
+install-offline:
+	test -d $(WHEELHOUSE)/oracle && test -d $(WHEELHOUSE)/serve || { echo "error: $(WHEELHOUSE) is not a wheelhouse made by 'make wheelhouse'" >&2; exit 2; }
+	$(PYTHON3) -m venv $(VENV)
+	PIP_FIND_LINKS= $(PY) -m pip install -q --no-index --find-links $(WHEELHOUSE)/oracle pip==26.3
+	PIP_FIND_LINKS= $(PY) -m pip install -q --no-index --find-links $(WHEELHOUSE)/oracle -r requirements-oracle.txt
+	touch $(VENV)/.installed
+	$(PYTHON3) -m venv $(SERVE_VENV)
+	PIP_FIND_LINKS= $(SERVE_PY) -m pip install -q --no-index --find-links $(WHEELHOUSE)/serve pip==26.3
+	PIP_FIND_LINKS= $(SERVE_PY) -m pip install -q --no-index --find-links $(WHEELHOUSE)/serve -r $(PKG)/inference/requirements-serve.txt
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(SERVE_VENV)/.installed
+
+# ---- install into a XiYan-SQLTraining checkout (adds files, never overwrites) -----------------------------------
+install-into-xiyan:
+	@test -n "$(XIYAN_ROOT)" || { echo "error: give XIYAN_ROOT=/path/to/XiYan-SQLTraining" >&2; exit 2; }
+	$(PYTHON3) $(PKG)/install_into_xiyan.py --xiyan_root $(XIYAN_ROOT)
 
 # ---- tests -------------------------------------------------------------------------------------------------------
 # pytest's exit code 5 (no tests collected) fails the target like any other failure.
