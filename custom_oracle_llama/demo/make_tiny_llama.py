@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from artifacts import StageError, atomic_dir, sha256_file  # noqa: E402
+from prompting import render_user_prompt  # noqa: E402
 
 # Meta's Llama-3 split regex (tiktoken cl100k-style), so words/numbers/punctuation split like the real tokenizer.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -42,10 +43,19 @@ def special_tokens() -> list[str]:
     return out
 
 
+# Generic Oracle SQL vocabulary (keywords, functions, idioms): what a real pre-training corpus would teach.
+SQL_PHRASES = """SELECT DISTINCT FROM WHERE AND OR NOT IN EXISTS BETWEEN LIKE IS NULL IS NOT NULL GROUP BY ORDER BY
+HAVING DESC ASC JOIN LEFT JOIN INNER JOIN ON UNION ALL WITH AS CASE WHEN THEN ELSE END COUNT(*) COUNT(DISTINCT SUM(
+AVG( MIN( MAX( ROUND( NVL( DECODE( TRUNC(SYSDATE) TRUNC( TO_CHAR( TO_DATE( TO_NUMBER( ADD_MONTHS(SYSDATE, -1)
+MONTHS_BETWEEN( UPPER( LOWER( SUBSTR( LISTAGG( RANK() OVER (PARTITION BY ROW_NUMBER() OVER (ORDER BY
+FETCH FIRST 10 ROWS ONLY FETCH FIRST 5 ROWS ONLY ROWNUM <= 10 SYSDATE - 30 (+) IN (:org_ids) = 'Y' = 'N'
+'YYYY-MM' 'MON-YY' > 0 >= <= <> 1 2 3 10 100 1000""".split("\n")
+
+
 def schema_corpus(schema: dict, seed: int = 0) -> list[str]:
     """Plain text and simple SQL derived from the schema only (no demo question/SQL pairs)."""
     rng = random.Random(seed)
-    texts = []
+    texts = SQL_PHRASES * 20
     tables = schema["tables"]
     for name, t in tables.items():
         cols = list(t["columns"])
@@ -59,6 +69,11 @@ def schema_corpus(schema: dict, seed: int = 0) -> list[str]:
             texts.append(f"SELECT {', '.join('A.' + c for c in pick)} FROM {name} A{where}")
     for j in schema.get("joins", []):
         texts.append(f"- {j}")
+    # The prompt's fixed wording (rules, section headers) around one table's context, no question/SQL pairs.
+    for name, t in tables.items():
+        context = {"tables": [{"name": name, "description": t.get("description", ""),
+                               "columns": [{"name": c, **v} for c, v in t["columns"].items()]}]}
+        texts.append(render_user_prompt("?", context))
     for term, target in schema.get("synonyms", {}).items():
         texts.append(f"- {term} = {target}")
     return texts
@@ -104,7 +119,7 @@ def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="pre-train tiny llama", unit="step"):
+    for _ in tqdm(range(steps), desc="pre-train tiny llama", unit="step", disable=None):
         starts = [rng.randrange(0, max(1, len(stream) - block - 1)) for _ in range(batch)]
         x = torch.tensor([stream[s:s + block] for s in starts])
         loss = model(input_ids=x, labels=x).loss
