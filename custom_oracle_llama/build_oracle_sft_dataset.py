@@ -90,12 +90,6 @@ def context_catalog(context: dict, catalog: dict | None) -> dict:
     return out
 
 
-def canonical_sql(sql: str) -> str:
-    """One spelling per query (case, spacing, quoting): duplicates and split groups compare these."""
-    import sqlglot
-    return sqlglot.parse_one(sql, read="oracle").sql(dialect="oracle", normalize=True)
-
-
 def normalize_question(q: str) -> str:
     return re.sub(r"\s+", " ", q.strip().lower()).rstrip("?.! ")
 
@@ -123,7 +117,7 @@ def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict)
     if not verdict["ok"]:
         return None, {"line": line_no, "id": rec.id, "reason": verdict["codes"][0], "detail": "; ".join(verdict["reasons"])}
     return {"line": line_no, "id": rec.id or f"line-{line_no}", "question": rec.question.strip(),
-            "sql": verdict["sql"], "norm_sql": canonical_sql(verdict["sql"]),
+            "sql": verdict["sql"], "norm_sql": sql_guardrail.normalized_sql(verdict["sql"]),
             "context": context, "split": rec.split, "tags": rec.tags}, None
 
 

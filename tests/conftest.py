@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["serving"]
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "custom_oracle_llama"
 sys.path[:0] = [str(PKG), str(PKG / "inference")]

@@ -687,3 +687,15 @@ def test_ask_unreachable_endpoint_is_one_line_error(tmp_path):
     r = run_cli("ask", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--question", "q", "--context", str(ctx),
                 "--timeout", "5")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "model endpoint call failed" in r.stderr
+
+
+@pytest.mark.parametrize("text, code", [("transactions", "contract"), ("was placed", "contract"),
+                                        ("1+1", "contract"), ("SHUTDOWN abort", "unsafe")])
+def test_bare_words_are_prose_not_statements(text, code):
+    assert g.check_sql(text)["codes"] == [code]
+
+
+def test_explain_backend_callable_and_normalized_sql():
+    v = g.check_sql("SELECT 1 FROM DUAL", explain=lambda sql: [f"EXPLAIN failed for {sql}"])
+    assert not v["ok"] and v["codes"] == ["explain_error"] and "explain" in v["checks"]
+    assert g.normalized_sql("select a.x  from  ap_invoices_all a") == "SELECT A.X FROM AP_INVOICES_ALL A"

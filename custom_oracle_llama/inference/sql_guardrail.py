@@ -661,8 +661,15 @@ def _verdict(**kw):
     return base
 
 
+def normalized_sql(sql: str) -> str:
+    """One spelling per query (case, spacing, quoting): what exact-match and de-duplication compare."""
+    tree = normalize_identifiers(sqlglot.parse_one(sql, read=ORACLE), dialect=ORACLE)
+    return tree.sql(dialect=ORACLE)
+
+
 def check_sql(text, catalog=None, policy=None, security_filters=None, allow_dml=False, explain=None) -> dict:
-    """Validate one raw model answer through layers 1-4 (+5 when `explain` = {dsn, user, password, timeout_s})."""
+    """Validate one raw model answer through layers 1-4, + layer 5 when `explain` is {dsn, user, password,
+    timeout_s} (Oracle EXPLAIN PLAN) or a callable sql -> [error strings] (another EXPLAIN backend)."""
     policy = policy or _default_policy()
     t0 = time.perf_counter()
     checks, reasons, codes = ["contract"], [], []
@@ -717,6 +724,12 @@ def check_sql(text, catalog=None, policy=None, security_filters=None, allow_dml=
                 reasons.append(f"{s.key.upper()} statement is not allowed: only read-only SELECT / WITH queries")
         return done(normalized=normalized, candidate_sql=sql)
     stmt = statements[0]
+    not_statement = not isinstance(stmt, exp.Query) and (
+        isinstance(stmt, exp.Command) or not isinstance(stmt, _STATEMENT_NODES))
+    if not_statement and tokens[0].text.upper() not in _NON_QUERY_WORDS:
+        # sqlglot parses a bare word ("transactions", "was placed") as a column or alias: prose, not SQL.
+        return done(codes=["contract"], normalized=normalized, candidate_sql=sql, reasons=[
+            f"not an SQL query ({tokens[0].text!r}...): answer with exactly one Oracle SELECT / WITH query"])
 
     checks.append("read_only")
     try:
@@ -761,7 +774,9 @@ def _analyse(stmt, sql, normalized, catalog, policy, security_filters, explain, 
         skipped.append("security_filters (none in the request)")
     if explain and not reasons:
         checks.append("explain")
-        ora = explain_oracle(sql, explain["dsn"], explain["user"], explain["password"], explain.get("timeout_s", 10))
+        # A callable is another EXPLAIN backend (e.g. the eval harness's DuckDB mirror): sql -> list of errors.
+        ora = explain(sql) if callable(explain) else explain_oracle(
+            sql, explain["dsn"], explain["user"], explain["password"], explain.get("timeout_s", 10))
         if ora:
             reasons += ora
             codes.append("explain_error")

@@ -1,0 +1,273 @@
+"""Eval harness: the DuckDB catalog mirror (EXPLAIN layer), --predictions mode end to end with exact expected rates
+and exit codes, bad input, and one live run against the real vLLM server on the untrained tiny model.
+
+Real engines only: real sqlglot + guardrail, a real in-memory DuckDB, real files, a real vLLM process.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval_oracle_nl2sql as ev
+from prompting import chat_messages
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "custom_oracle_llama" / "eval_oracle_nl2sql.py"
+DEMO = ROOT / "custom_oracle_llama" / "demo"
+CATALOG_PATH = DEMO / "ebs_catalog.json"
+RAW = [json.loads(line) for line in (DEMO / "raw_questions.jsonl").read_text().splitlines() if line.strip()]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def mirror():
+    return ev.DuckDBMirror(json.loads(CATALOG_PATH.read_text()))
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def eval_set(records):
+    """The dataset builder's conversations format, built from demo raw records."""
+    return [{"id": r["id"], "conversations": chat_messages(r["question"], r["context"], answer_sql=r["sql"]),
+             "sql_type": "oracle", "question": r["question"], "sql": r["sql"], "context": r["context"],
+             "tags": r.get("tags", [])} for r in records]
+
+
+# ------------------------------------------------------------------------------------------- DuckDB mirror
+def test_mirror_explains_every_demo_sql_without_false_errors(mirror):
+    results = {r["id"]: mirror.explain(r["sql"]) for r in RAW}
+    clean = [i for i, r in results.items() if r["status"] == "clean"]
+    errors = {i: r["detail"] for i, r in results.items() if r["status"] == "error"}
+    not_checkable = {i: r["detail"] for i, r in results.items() if r["status"] == "not_checkable"}
+    share = len(clean) / len(RAW)
+    print(f"\nDuckDB mirror EXPLAIN on {len(RAW)} demo SQLs: {len(clean)} clean ({100 * share:.1f}%), "
+          f"{len(not_checkable)} not checkable {not_checkable}, {len(errors)} errors")
+    assert errors == {}, f"false EXPLAIN errors on valid gold SQL: {errors}"
+    assert share >= 0.97
+
+
+# One row per behaviour: Oracle SQL -> mirror status (and a fragment of the detail).
+MIRROR_CASES = [
+    ("valid join + bind + TRUNC(SYSDATE,'MM')", "SELECT I.INVOICE_NUM FROM AP_INVOICES_ALL I WHERE I.INVOICE_DATE >= "
+     "TRUNC(SYSDATE, 'MM') AND I.ORG_ID IN (:org_ids)", "clean", ""),
+    ("date arithmetic like Oracle (DATE - n, DATE - DATE)", "SELECT ROUND(AVG(SYSDATE - PS.DUE_DATE), 1) FROM "
+     "AP_PAYMENT_SCHEDULES_ALL PS WHERE PS.DUE_DATE < TRUNC(SYSDATE) - 30", "clean", ""),
+    ("ADD_MONTHS + TRUNC(date) + NVL + DECODE + TO_CHAR fmt", "SELECT TO_CHAR(I.INVOICE_DATE, 'YYYY-MM'), "
+     "DECODE(I.PAYMENT_STATUS_FLAG, 'Y', 1, 0), NVL(I.AMOUNT_PAID, 0) FROM AP_INVOICES_ALL I WHERE "
+     "TRUNC(I.INVOICE_DATE) >= ADD_MONTHS(TRUNC(SYSDATE, 'YYYY'), -12) + 1", "clean", ""),
+    ("ROWNUM top-N", "SELECT * FROM (SELECT C.CHECK_NUMBER FROM AP_CHECKS_ALL C ORDER BY C.CHECK_DATE DESC) "
+     "WHERE ROWNUM <= 20", "clean", ""),
+    ("(+) outer join", "SELECT I.INVOICE_NUM, S.VENDOR_NAME FROM AP_INVOICES_ALL I, AP_SUPPLIERS S "
+     "WHERE I.VENDOR_ID = S.VENDOR_ID(+)", "clean", ""),
+    ("FROM DUAL", "SELECT SYSDATE FROM DUAL", "clean", ""),
+    ("broken column", "SELECT I.INVOICE_NUM, I.INVOICE_TOTAL FROM AP_INVOICES_ALL I", "error", "INVOICE_TOTAL"),
+    ("unknown table", "SELECT X.A FROM AP_INVOICE_HEADERS X", "error", "AP_INVOICE_HEADERS"),
+    ("non-grouped column", "SELECT I.VENDOR_ID, I.INVOICE_NUM, COUNT(*) FROM AP_INVOICES_ALL I GROUP BY I.VENDOR_ID",
+     "error", "GROUP BY"),
+    ("ambiguous column", "SELECT VENDOR_ID FROM AP_INVOICES_ALL I, AP_SUPPLIERS S WHERE I.VENDOR_ID = S.VENDOR_ID",
+     "error", "VENDOR_ID"),
+    ("CONNECT BY", "SELECT PERSON_ID, LEVEL FROM PER_ALL_ASSIGNMENTS_F START WITH SUPERVISOR_ID IS NULL "
+     "CONNECT BY PRIOR PERSON_ID = SUPERVISOR_ID", "not_checkable", "CONNECT BY"),
+    ("package function", "SELECT FND_PROFILE.VALUE('ORG_ID') FROM DUAL", "not_checkable", "package function"),
+    ("DuckDB stricter typing is not an error (Oracle converts implicitly)",
+     "SELECT SUBSTR(I.INVOICE_AMOUNT, 1, 2) FROM AP_INVOICES_ALL I", "not_checkable", "No function matches"),
+    ("file access stays disabled", "SELECT * FROM read_csv('/etc/passwd')", "not_checkable", "disabled"),
+]
+
+
+@pytest.mark.parametrize("sql,status,detail", [c[1:] for c in MIRROR_CASES], ids=[c[0] for c in MIRROR_CASES])
+def test_mirror_cases(mirror, sql, status, detail):
+    r = mirror.explain(sql)
+    assert r["status"] == status, r
+    assert detail.lower() in r["detail"].lower()
+
+
+@pytest.mark.parametrize("oracle,duck", [("NUMBER", "DOUBLE"), ("NUMBER(15)", "BIGINT"), ("NUMBER(15,2)", "DOUBLE"),
+                                         ("VARCHAR2(240)", "VARCHAR"), ("DATE", "DATE"),
+                                         ("TIMESTAMP(6)", "TIMESTAMP"), ("CLOB", "VARCHAR")])
+def test_duckdb_types(oracle, duck):
+    assert ev.duckdb_type(oracle) == duck
+
+
+# ----------------------------------------------------------------------------------- --predictions end to end
+BY_ID = {r["id"]: r for r in RAW}
+GOLD1, GOLD2, GOLD3 = BY_ID["ebs-0001"]["sql"], BY_ID["ebs-0002"]["sql"], BY_ID["ebs-0003"]["sql"]
+# id -> (prediction, expected first-attempt categories, expected final categories, exact match final)
+PREDICTIONS = {
+    "ebs-0001": ({"text": GOLD1}, [], [], True),
+    "ebs-0002": ({"text": "DELETE FROM AP_INVOICES_ALL WHERE ORG_ID IN (:org_ids)"}, ["unsafe"], ["unsafe"], False),
+    "ebs-0003": ({"text": GOLD3.replace("I.INVOICE_AMOUNT >", "I.INVOICE_TOTAL >")},
+                 ["hallucination"], ["hallucination"], False),
+    "ebs-0004": ({"text": BY_ID["ebs-0004"]["sql"].replace(" AND I.ORG_ID IN (:org_ids)", "")},
+                 ["security_filter"], ["security_filter"], False),
+    "ebs-0005": ({"text": f"Here is the query you asked for:\n{BY_ID['ebs-0005']['sql']}"},
+                 ["contract"], ["contract"], False),
+    # the retry prompt's answer (retry_text) fixes the hallucinated column
+    "ebs-0006": ({"text": BY_ID["ebs-0006"]["sql"].replace("S.VENDOR_NAME", "S.SUPPLIER_NAME"),
+                  "retry_text": BY_ID["ebs-0006"]["sql"]}, ["hallucination"], [], True),
+    # fence + ';' are normalized by the guardrail: still an exact match
+    "ebs-0007": ({"text": f"```sql\n{BY_ID['ebs-0007']['sql'].lower()};\n```"}, [], [], True),
+    # passes layers 1-4 (every column exists) but cannot bind: only EXPLAIN catches it
+    "ebs-0008": ({"text": GOLD2.replace("SELECT S.VENDOR_NAME,", "SELECT S.VENDOR_NAME, I.INVOICE_NUM,")},
+                 ["explain_error"], ["explain_error"], False),
+}
+
+
+@pytest.fixture(scope="module")
+def pred_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pred")
+    (d / "eval.json").write_text(json.dumps(eval_set([BY_ID[i] for i in PREDICTIONS])))
+    (d / "pred.jsonl").write_text("".join(json.dumps({"id": i, **p[0]}) + "\n" for i, p in PREDICTIONS.items()))
+    return d
+
+
+def pred_run(d, out, *extra):
+    return run_cli("--eval_data", d / "eval.json", "--catalog", CATALOG_PATH, "--predictions", d / "pred.jsonl",
+                   "--out_dir", out, *extra)
+
+
+def test_predictions_end_to_end(pred_inputs, tmp_path):
+    r = pred_run(pred_inputs, tmp_path / "out", "--max_hallucination_rate", "0.125", "--max_unsafe_rate", "0.2",
+                 "--max_parse_error_rate", "0", "--max_security_violation_rate", "0.125",
+                 "--max_explain_error_rate", "0.125", "--min_exact_match", "0.375")
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = {row["id"]: row for row in report["examples"]}
+    for i, (_, first, final, exact) in PREDICTIONS.items():
+        assert rows[i]["categories_first"] == first, (i, rows[i]["attempts"])
+        assert rows[i]["categories_final"] == final, (i, rows[i]["attempts"])
+        assert rows[i]["exact_match_final"] is exact, (i, rows[i]["attempts"])
+    t = report["totals"]
+    assert t["examples"] == 8
+    assert t["unsafe_rate"] == {"first": 0.125, "final": 0.125}
+    assert t["hallucination_rate"] == {"first": 0.25, "final": 0.125}
+    assert t["security_filter_rate"] == {"first": 0.125, "final": 0.125}
+    assert t["contract_rate"] == {"first": 0.125, "final": 0.125}
+    assert t["explain_error_rate"] == {"first": 0.125, "final": 0.125}
+    assert t["parse_error_rate"] == {"first": 0.0, "final": 0.0}
+    assert t["ok_rate"] == {"first": 0.25, "final": 0.375}
+    assert t["exact_match"] == {"first": 0.25, "final": 0.375}
+    assert (t["retry_rate"], t["retried"], t["retry_success"]) == (0.125, 1, 1.0)
+    assert t["explain"]["error"] == 1 and t["explain"]["clean"] == 3
+    assert report["config"]["explain_backend"] == "DuckDB mirror (embedded default)"
+    assert rows["ebs-0008"]["attempts"][0]["explain"]["status"] == "error"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "EXPLAIN backend: DuckDB mirror (embedded default)" in md and "| ebs-0008 |" in md
+    png = (tmp_path / "out" / "failure_categories.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    assert "EXPLAIN backend" in r.stdout
+
+
+def test_threshold_failure_exits_1_and_names_it(pred_inputs, tmp_path):
+    r = pred_run(pred_inputs, tmp_path / "out", "--max_unsafe_rate", "0.1", "--max_hallucination_rate", "0.2",
+                 "--min_exact_match", "0.5")
+    assert r.returncode == 1, r.stderr
+    failed = [line for line in r.stderr.splitlines() if line.startswith("threshold failed")]
+    assert len(failed) == 2 and "--max_unsafe_rate" in failed[0] and "--min_exact_match" in failed[1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "out" / "report.json").exists()  # the report is written either way
+
+
+def test_predictions_missing_answer_is_bad_input(pred_inputs, tmp_path):
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"id": "ebs-0001", "text": GOLD1}) + "\n")
+    r = run_cli("--eval_data", pred_inputs / "eval.json", "--catalog", CATALOG_PATH, "--predictions", partial,
+                "--out_dir", tmp_path / "out")
+    assert r.returncode == 2 and "no answer for 7 example(s)" in r.stderr
+    # --limit 1 only needs the first example's answer
+    r = run_cli("--eval_data", pred_inputs / "eval.json", "--catalog", CATALOG_PATH, "--predictions", partial,
+                "--out_dir", tmp_path / "out", "--limit", "1", "--min_exact_match", "1")
+    assert r.returncode == 0, r.stderr
+
+
+def _bad_json(tmp):
+    p = tmp / "bad.json"
+    p.write_text("[{")
+    return p
+
+
+BAD_INPUT = [
+    ("missing eval file", lambda t, d: ["--eval_data", t / "nope.json", "--catalog", CATALOG_PATH,
+                                        "--predictions", d / "pred.jsonl"], "cannot read --eval_data"),
+    ("bad JSON", lambda t, d: ["--eval_data", _bad_json(t), "--catalog", CATALOG_PATH,
+                               "--predictions", d / "pred.jsonl"], "is not valid JSON"),
+    ("missing catalog", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", t / "nope.json",
+                                      "--predictions", d / "pred.jsonl"], "cannot read catalog"),
+    ("unreachable server", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
+                                         "--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--timeout", "5"],
+     "is not reachable"),
+    ("neither server nor predictions", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH],
+     "exactly one of --base_url"),
+    ("threshold out of range", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
+                                             "--predictions", d / "pred.jsonl", "--max_unsafe_rate", "5"],
+     "between 0 and 1"),
+    ("oracle DSN without credentials", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
+                                                     "--predictions", d / "pred.jsonl", "--oracle_dsn", "db:1521/X"],
+     "ORACLE_USER"),
+]
+
+
+@pytest.mark.parametrize("make_args,message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line(pred_inputs, tmp_path, make_args, message, monkeypatch):
+    for var in ("ORACLE_USER", "ORACLE_PASSWORD", "ORACLE_GUARD_USER", "ORACLE_GUARD_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    r = run_cli(*make_args(tmp_path, pred_inputs), "--out_dir", tmp_path / "out", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_unreachable_oracle_for_explain_exits_2(pred_inputs, tmp_path):
+    env = {**os.environ, "ORACLE_USER": "guard", "ORACLE_PASSWORD": "s3cret-pw"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--eval_data", pred_inputs / "eval.json", "--catalog",
+                        CATALOG_PATH, "--predictions", pred_inputs / "pred.jsonl", "--oracle_dsn",
+                        "127.0.0.1:9/EBSSTG", "--explain_timeout", "3", "--out_dir", tmp_path / "out"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot connect to Oracle DSN 127.0.0.1:9/EBSSTG"), r.stderr
+    assert "Traceback" not in r.stderr and "s3cret-pw" not in r.stderr
+
+
+@pytest.mark.parametrize("dsn,host", [("dbhost.example.com:1521/EBSPRD", "dbhost.example.com"),
+                                      ("(DESCRIPTION=(ADDRESS=(PROTOCOL=TCP)(HOST=ebs-stg)(PORT=1521)))", "ebs-stg")])
+def test_dsn_host_label(dsn, host):
+    assert ev.dsn_host(dsn) == host
+
+
+def test_percentile_is_nearest_rank():
+    assert ev.percentile([10, 20, 30, 40], 50) == 20 and ev.percentile([10, 20, 30, 40], 95) == 40
+    assert ev.percentile([None], 50) is None
+
+
+# ------------------------------------------------------------------------------------------ live (real vLLM)
+@pytest.mark.slow
+def test_live_tiny_model_all_outputs(vllm_tiny, tmp_path):
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(eval_set(RAW[:4])))
+    out = tmp_path / "out"
+    r = run_cli("--eval_data", data, "--catalog", CATALOG_PATH, "--base_url", vllm_tiny["base_url"],
+                "--model", vllm_tiny["model"], "--limit", "4", "--concurrency", "4", "--max_tokens", "64",
+                "--out_dir", out, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["mode"] == "live endpoint" and report["totals"]["examples"] == 4
+    for row in report["examples"]:
+        assert 1 <= len(row["attempts"]) <= 2 and row["retried"] == (len(row["attempts"]) == 2)
+        for a in row["attempts"]:
+            assert a["latency_ms"] and a["latency_ms"] > 0 and isinstance(a["raw_output"], str)
+            # every rejected attempt is explained by at least one failure category
+            assert a["ok"] or a["categories"], a
+        assert row["ok_final"] == (row["categories_final"] == [])
+    t = report["totals"]
+    assert t["latency_ms"]["p50"] > 0 and t["latency_ms"]["p95"] >= t["latency_ms"]["p50"]
+    assert (out / "report.md").read_text().count("| ebs-000") == 4
+    assert (out / "failure_categories.png").read_bytes().startswith(PNG_MAGIC)
