@@ -93,7 +93,7 @@ DS_JSON := $(if $(XIYAN_ROOT),$(XIYAN_ROOT)/train/config/dp_zero3.json,$(PKG)/co
 MAX_LEN ?= 2048
 # Tiny-model demo settings: a high LR and several epochs so 3.5M parameters memorize the demo SQL; no activation
 # checkpointing (tiny activations; on CPU it would only cost a third more compute).
-TRAIN_ARGS ?= --num_train_epochs 8 --learning_rate 3e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
+TRAIN_ARGS ?= --num_train_epochs 20 --learning_rate 5e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
   --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
 train: $(ADAPTER)/adapter_model.safetensors
 $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
@@ -110,6 +110,23 @@ $(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/packa
 	$(PY) $(PKG)/package_oracle_model.py --base_model $(BASE_MODEL) --lora_adapter $(ADAPTER) \
 	  --merged_out $(MERGED) --quant_out $(QUANT) --quant_method $(QUANT_METHOD) --calib_data $(SFT) \
 	  --num_calib_samples $(CALIB_SAMPLES) --calib_max_seq_len $(CALIB_MAX_LEN) --group_size 128 --force
+
+# ---- stage 4: serving (foreground; Ctrl-C stops it). Plans capacity first, refuses a config that does not fit. ------
+serve: $(SERVE_VENV)/.installed
+	$(PY) $(PKG)/inference/serve.py --model $(SERVE_MODEL) --config $(VLLM_CONFIG) --port $(PORT)
+
+# ---- stage 5: eval gate against a running server (make serve in another shell) -----------------------------------
+EVAL_ARGS ?= --max_unsafe_rate 0 --max_security_violation_rate 0
+eval:
+	$(PY) $(PKG)/eval_oracle_nl2sql.py --eval_data $(HOLDOUT) --base_url http://127.0.0.1:$(PORT) \
+	  --model oracle-ebs-sql --catalog $(CATALOG) --concurrency 4 --out_dir $(RUNS)/eval/holdout $(EVAL_ARGS)
+
+# ---- the whole pipeline on CPU with the tiny LLaMA -----------------------------------------------------------------
+demo: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
+	$(PY) $(PKG)/demo/run_demo.py --runs $(RUNS) --config $(VLLM_CONFIG)
+
+bench: $(SFT) $(SERVE_VENV)/.installed
+	$(PY) $(PKG)/demo/bench.py --tiny_model $(TINY) --eval_data $(HOLDOUT) --out $(RUNS)/bench
 
 # ---- air-gapped install ----------------------------------------------------------------------------------------
 # On a connected machine: make wheelhouse WHEELHOUSE=/media/usb/wheels   (every pinned wheel of both environments,

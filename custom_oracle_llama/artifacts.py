@@ -65,6 +65,7 @@ def atomic_dir(final, force: bool = False):
         raise StageError(f"{final} exists and is not empty (pass --force to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the final dir gets the user's normal permissions
     try:
         yield tmp
         if final.exists():

@@ -644,7 +644,7 @@ def pick_distractor(used: list[str], schema: dict, seed: int, rid: str) -> str:
     return random.Random(f"{seed}:{rid}").choice(candidates)
 
 
-EXTRA_COLUMNS = 2  # retrieved-but-unused columns per table: realistic retrieval noise, prompts stay short
+EXTRA_COLUMNS = 1  # retrieved-but-unused columns per table: realistic retrieval noise, prompts stay short
 
 
 def retrieved_columns(schema: dict, table: str, used: set[str], keys: set[str]) -> list[str]:
@@ -666,8 +666,9 @@ def build_context(schema: dict, tables: list[str], columns: list[str]) -> dict:
     used = set(columns)
     return {
         "tables": [{"name": t, "description": schema["tables"][t]["description"],
-                    "columns": [{"name": c, "type": schema["tables"][t]["columns"][c]["type"],
-                                 "description": schema["tables"][t]["columns"][c]["description"]}
+                    # names + types only: the demo trains a tiny model on 2 CPU cores, where every prompt token
+                    # costs; column descriptions are optional in the raw format (the 70B data should keep them)
+                    "columns": [{"name": c, "type": schema["tables"][t]["columns"][c]["type"]}
                                 for c in retrieved_columns(schema, t, used, keys.get(t, set()))]}
                    for t in included],
         "joins": joins,

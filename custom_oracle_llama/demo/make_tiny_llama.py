@@ -76,7 +76,86 @@ def schema_corpus(schema: dict, seed: int = 0) -> list[str]:
         texts.append(render_user_prompt("?", context))
     for term, target in schema.get("synonyms", {}).items():
         texts.append(f"- {term} = {target}")
+    texts += [sql for _, _, sql in synthetic_pairs(schema, 1000, seed)]
     return texts
+
+
+def alias_of(table: str) -> str:
+    alias = "".join(w[0] for w in table.split("_") if w != "ALL")[:3]
+    return alias + "1" if alias in {"AS", "AT", "BY", "IN", "IS", "OF", "ON", "OR", "TO"} else alias
+
+
+def synthetic_pairs(schema: dict, n: int, seed: int) -> list[tuple[str, dict, str]]:
+    """(question, context, SQL) made from the schema alone by templates; the SQL goes into the pre-training
+    corpus so the base knows Oracle SQL over these tables. Never the demo question/SQL pairs: those are what
+    LoRA has to learn."""
+    rng = random.Random(seed)
+    tables, filters = schema["tables"], schema.get("security_filters", {})
+    edges = [tuple(side.strip().split(".") for side in j.split("=")) for j in schema.get("joins", [])]
+
+    def words(col):
+        return col.lower().replace("_", " ")
+
+    def ctx(used: dict[str, list[str]]):
+        out = {"tables": [], "joins": [], "security_filters": []}
+        for t, cols in used.items():
+            keep = [c for c in tables[t]["columns"] if c in cols or rng.random() < 0.3]
+            out["tables"].append({"name": t, "description": tables[t].get("description", ""),
+                                  "columns": [{"name": c, **tables[t]["columns"][c]} for c in keep]})
+            if t in filters:
+                out["security_filters"].append({"table": t, **filters[t]})
+        out["joins"] = [f"{a[0]}.{a[1]} = {b[0]}.{b[1]}" for a, b in edges if a[0] in used and b[0] in used]
+        return out
+
+    def where(parts):
+        return " WHERE " + " AND ".join(parts) if parts else ""
+
+    out = []
+    while len(out) < n:
+        t = rng.choice(sorted(tables))
+        a, cols = alias_of(t), list(tables[t]["columns"])
+        typed = {k: [c for c in cols if tables[t]["columns"][c]["type"].startswith(k)] for k in ("NUM", "VARC", "DATE")}
+        sec = [f"{a}.{filters[t]['column']} IN (:org_ids)"] if t in filters else []
+        kind = rng.randrange(5)
+        if kind == 0:
+            pick = rng.sample(cols, k=min(len(cols), rng.randint(1, 3)))
+            q = f"Show the {' and '.join(words(c) for c in pick)} of {t.lower()}"
+            sql = f"SELECT {', '.join(f'{a}.{c}' for c in pick)} FROM {t} {a}{where(sec)}"
+        elif kind == 1 and typed["NUM"] and typed["VARC"]:
+            g, m = rng.choice(typed["VARC"]), rng.choice(typed["NUM"])
+            pick = [g, m]
+            q = f"Total {words(m)} by {words(g)} in {t.lower()}"
+            sql = (f"SELECT {a}.{g}, SUM({a}.{m}) AS TOTAL FROM {t} {a}{where(sec)} GROUP BY {a}.{g} "
+                   "ORDER BY TOTAL DESC")
+        elif kind == 2 and typed["DATE"]:
+            d, c = rng.choice(typed["DATE"]), rng.choice(cols)
+            pick, days = [d, c], rng.choice([7, 30, 90])
+            q = f"List {words(c)} of {t.lower()} with {words(d)} in the last {days} days"
+            sql = f"SELECT {a}.{c} FROM {t} {a}{where([f'{a}.{d} >= TRUNC(SYSDATE) - {days}'] + sec)}"
+        elif kind == 3 and typed["NUM"]:
+            m, c, k = rng.choice(typed["NUM"]), rng.choice(cols), rng.choice([5, 10, 20])
+            pick = [m, c]
+            q = f"Top {k} {t.lower()} by {words(m)}"
+            sql = (f"SELECT {a}.{c}, {a}.{m} FROM {t} {a}{where(sec)} ORDER BY {a}.{m} DESC "
+                   f"FETCH FIRST {k} ROWS ONLY")
+        else:
+            linked = [e for e in edges if t in (e[0][0], e[1][0]) and e[0][0] != e[1][0]]
+            if not linked:
+                continue
+            (t1, k1), (t2, k2) = rng.choice(linked)
+            a1, a2 = alias_of(t1), alias_of(t2)
+            if a1 == a2:
+                a2 += "2"
+            c1, c2 = rng.choice(list(tables[t1]["columns"])), rng.choice(list(tables[t2]["columns"]))
+            conds = [f"{al}.{filters[tb]['column']} IN (:org_ids)" for tb, al in ((t1, a1), (t2, a2)) if tb in filters]
+            q = f"List {words(c1)} of {t1.lower()} with {words(c2)} of {t2.lower()}"
+            sql = (f"SELECT {a1}.{c1}, {a2}.{c2} FROM {t1} {a1} JOIN {t2} {a2} ON {a1}.{k1} = {a2}.{k2}"
+                   f"{where(conds)}")
+            out.append((q, ctx({t1: [c1, k1] + [filters.get(t1, {}).get("column")],
+                                t2: [c2, k2] + [filters.get(t2, {}).get("column")]}), sql))
+            continue
+        out.append((q, ctx({t: pick + ([filters[t]["column"]] if t in filters else [])}), sql))
+    return out
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
@@ -137,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output model directory (created atomically)")
     ap.add_argument("--schema", default=str(HERE / "ebs_schema.json"), help="EBS schema JSON the corpus is made from")
     ap.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary incl. 256 special tokens")
-    ap.add_argument("--pretrain_steps", type=int, default=300, help="causal-LM steps on the schema corpus (0 = none)")
+    ap.add_argument("--pretrain_steps", type=int, default=400, help="causal-LM steps on the schema corpus (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
     args = ap.parse_args(argv)

@@ -1,0 +1,210 @@
+"""`make bench`: the speed and memory targets, measured side by side in one run as ratios (never timed tests).
+
+1. dataset builder vs the raw fast tokenizer on the same texts (>= 5,000 records with ~3k-token contexts; target >= 0.7)
+2. guardrail layers 1-4 p50/p99 per SQL over the demo SQL, pure-Python sqlglot vs sqlglotc (target p99 <= 5 ms)
+3. streaming merge: peak RSS vs the largest shard of a multi-shard checkpoint (target <= 2x)
+4. eval throughput against the real vLLM server on the tiny model, concurrency 4 vs 1 (target >= 3x)
+5. capacity-planner figures for LLaMA-3.3-70B (1xA100-80GB serving, 8xA100-80GB ZeRO-3 training)
+
+Writes <out>/bench.json and <out>/bench.md (the README's table) and prints the table.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PKG = HERE.parent
+ROOT = PKG.parent
+sys.path[:0] = [str(PKG), str(PKG / "inference")]
+
+from artifacts import atomic_write_json, atomic_write_text  # noqa: E402
+
+RAW = HERE / "raw_questions.jsonl"
+SCHEMA = HERE / "ebs_schema.json"
+
+
+def big_context(schema: dict, tables: list[str]) -> dict:
+    """A retrieval result with many whole tables: the ~3k-token contexts of the builder benchmark."""
+    inc = set(tables)
+    return {"tables": [{"name": t, "description": schema["tables"][t]["description"],
+                        "columns": [{"name": c, **v} for c, v in schema["tables"][t]["columns"].items()]}
+                       for t in tables],
+            "joins": [j for j in schema["joins"] if all(s.strip().split(".")[0] in inc for s in j.split("="))],
+            "synonyms": {k: v for k, v in schema["synonyms"].items() if v.split(".")[0] in inc},
+            "security_filters": [{"table": t, **f} for t, f in schema["security_filters"].items() if t in inc]}
+
+
+def bench_builder(tokenizer_dir: Path, n: int, n_tables: int) -> dict:
+    import build_oracle_sft_dataset as builder
+    from transformers import AutoTokenizer
+
+    schema = json.loads(SCHEMA.read_text())
+    demo = [json.loads(line) for line in RAW.read_text().splitlines()]
+    names = sorted(schema["tables"])
+    lines = []
+    for i in range(n):
+        rec = demo[i % len(demo)]
+        used = {t["name"] for t in rec["context"]["tables"]}
+        start = i % len(names)
+        tables = sorted(used | set((names * 2)[start:start + n_tables]))
+        lines.append(json.dumps({"id": f"b{i}", "question": f"{rec['question']} (variant {i})", "sql": rec["sql"],
+                                 "context": big_context(schema, tables)}))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.jsonl"
+        raw.write_text("\n".join(lines) + "\n")
+        args = builder.parse_args(["--input_raw", str(raw), "--output_sft", f"{tmp}/sft.json", "--dataset_id", "bench",
+                                   "--tokenizer", str(tokenizer_dir), "--model_max_length", "100000"])
+        t0 = time.perf_counter()
+        builder.build(args)
+        t_build = time.perf_counter() - t0
+        sft = json.loads((Path(tmp) / "sft.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [tok.apply_chat_template(r["conversations"], tokenize=False) for r in sft]
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), 256):
+        tok(texts[i:i + 256], add_special_tokens=False)
+    t_raw = time.perf_counter() - t0
+    tokens = statistics.median(r["n_tokens"] for r in sft) if sft and "n_tokens" in sft[0] else None
+    return {"records": len(sft), "median_tokens": tokens, "builder_examples_per_s": len(sft) / t_build,
+            "raw_tokenizer_examples_per_s": len(texts) / t_raw,
+            "ratio": (len(sft) / t_build) / (len(texts) / t_raw)}
+
+
+GUARD_SNIPPET = r"""
+import json, statistics, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/inference"]
+import sql_guardrail as g
+recs = [json.loads(l) for l in open(sys.argv[2])]
+catalog, policy = g.load_catalog(sys.argv[3]), g.load_policy()
+for r in recs[:20]:  # warm-up: imports, caches
+    g.check_sql(r["sql"], catalog=catalog, policy=policy, security_filters=r["context"]["security_filters"])
+times = []
+for _ in range(int(sys.argv[4])):
+    for r in recs:
+        t0 = time.perf_counter()
+        v = g.check_sql(r["sql"], catalog=catalog, policy=policy, security_filters=r["context"]["security_filters"])
+        times.append((time.perf_counter() - t0) * 1000)
+        assert v["ok"], v
+times.sort()
+print(json.dumps({"engine": g.SQLGLOT_IMPL["name"], "n": len(times), "p50_ms": statistics.median(times),
+                  "p99_ms": times[int(0.99 * (len(times) - 1))]}))
+"""
+
+
+def bench_guardrail(rounds: int) -> dict:
+    out = {}
+    for label, pure in (("pure", "1"), ("sqlglotc", "")):
+        env = {**os.environ, "ORACLE_GUARD_PURE_SQLGLOT": pure}
+        r = subprocess.run([sys.executable, "-c", GUARD_SNIPPET, str(PKG), str(RAW), str(HERE / "ebs_catalog.json"),
+                            str(rounds)], env=env, capture_output=True, text=True, check=True)
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["p99_speedup"] = out["pure"]["p99_ms"] / out["sqlglotc"]["p99_ms"]
+    return out
+
+
+def bench_merge_rss(shards: int) -> dict:
+    import package_oracle_model
+    return package_oracle_model.bench_merge(shards, ROOT / ".cache" / "bench-merge")
+
+
+def bench_planner() -> dict:
+    import plan_capacity as pc
+    cfg = pc.load_json(HERE / "llama33_70b_config.json")
+    serve = pc.plan_serve(cfg, pc.load_yaml(PKG / "inference" / "vllm_config.yaml"), 80 * 2**30, 1.935e12, 312e12)
+    train = pc.plan_train(cfg, 8, 80 * 2**30, 8192, 32, 1, 312e12)
+    return {"serve": serve, "train": train}
+
+
+def bench_eval(model_dir: Path, eval_data: Path, catalog: Path, limit: int) -> dict:
+    """Same eval harness, same server, same examples: --concurrency 1 then 4."""
+    from serve import running_server
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, running_server(model_dir, PKG / "inference" / "vllm_config_cpu.yaml",
+                                                              Path(tmp) / "vllm.log") as srv:
+        for conc in (1, 4):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, str(PKG / "eval_oracle_nl2sql.py"), "--eval_data", str(eval_data),
+                                "--base_url", srv["base_url"], "--model", srv["model"], "--catalog", str(catalog),
+                                "--concurrency", str(conc), "--limit", str(limit), "--out_dir", f"{tmp}/c{conc}"],
+                               capture_output=True, text=True)
+            if r.returncode not in (0, 1):
+                raise RuntimeError(f"eval failed: {r.stderr[-2000:]}")
+            out[f"c{conc}_examples_per_s"] = limit / (time.perf_counter() - t0)
+    out["ratio"] = out["c4_examples_per_s"] / out["c1_examples_per_s"]
+    return out
+
+
+def markdown(res: dict) -> str:
+    b, g, m, e, p = (res.get(k) for k in ("builder", "guardrail", "merge", "eval", "planner"))
+    rows = [("what", "measured", "target")]
+    if b:
+        rows.append(("dataset builder vs raw fast tokenizer", f"{b['builder_examples_per_s']:.0f} vs "
+                     f"{b['raw_tokenizer_examples_per_s']:.0f} examples/s = **{b['ratio']:.2f}x** "
+                     f"({b['records']} records, median {b['median_tokens']:.0f} tokens)", ">= 0.7x"))
+    if g:
+        rows.append(("guardrail layers 1-4, p50 / p99 per SQL", f"pure {g['pure']['p50_ms']:.2f} / "
+                     f"{g['pure']['p99_ms']:.2f} ms; sqlglotc {g['sqlglotc']['p50_ms']:.2f} / "
+                     f"**{g['sqlglotc']['p99_ms']:.2f} ms** ({g['p99_speedup']:.1f}x at p99)", "p99 <= 5 ms"))
+    if m:
+        rows.append(("streaming merge peak RSS vs largest shard", f"{m['peak_rss_extra_bytes'] / 2**20:.0f} MiB vs "
+                     f"{m['largest_shard_bytes'] / 2**20:.0f} MiB = **{m['peak_rss_over_largest_shard']:.2f}x** "
+                     f"({m['shards']} shards)", "<= 2x"))
+    if e:
+        rows.append(("eval throughput, concurrency 4 vs 1 (real vLLM, tiny model)", f"{e['c4_examples_per_s']:.2f} vs "
+                     f"{e['c1_examples_per_s']:.2f} examples/s = **{e['ratio']:.2f}x**", ">= 3x"))
+    if p:
+        s, t = p["serve"], p["train"]
+        rows.append(("70B serving plan, 1xA100-80GB (W4A16 g128)", f"weights {s['weights_bytes'] / 1e9:.1f} GB, KV "
+                     f"{s['kv_bytes_per_token'] / 1024:.0f} KiB/token = {s['kv_bytes_total'] / 2**30:.1f} GiB for 4x8192, "
+                     f"{'FITS' if s['fits'] else 'DOES NOT FIT'}, decode floor {s['decode_floor_ms']:.1f} ms/step",
+                     "fits"))
+        rows.append(("70B LoRA training plan, 8xA100-80GB ZeRO-3 @ 8192", f"{t['total_per_gpu_bytes'] / 1e9:.1f} GB/GPU "
+                     f"(sharded weights {t['sharded_weights_bytes'] / 1e9:.1f} GB), compute floor "
+                     f"{t['compute_floor_tokens_per_s']:.0f} tok/s at 100% MFU", "fits"))
+    lines = [f"| {a} | {b_} | {c} |" for a, b_, c in rows]
+    lines.insert(1, "|---|---|---|")
+    return "\n".join(lines) + f"\n\nMachine: {res['machine']}\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny_model", default=str(ROOT / ".cache" / "tiny-llama"), help="tokenizer/model for 1 and 4")
+    ap.add_argument("--eval_data", default=str(ROOT / "runs" / "data" / "ebs_holdout.json"), help="eval examples (4)")
+    ap.add_argument("--catalog", default=str(HERE / "ebs_catalog.json"), help="catalog for the eval (4)")
+    ap.add_argument("--records", type=int, default=5000, help="builder records (1)")
+    ap.add_argument("--context_tables", type=int, default=12, help="whole tables per builder context (1)")
+    ap.add_argument("--guard_rounds", type=int, default=5, help="passes over the demo SQL (2)")
+    ap.add_argument("--merge_shards", type=int, default=4, help="shards of the merge checkpoint (3)")
+    ap.add_argument("--eval_limit", type=int, default=16, help="eval examples per concurrency level (4)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: builder,guardrail,merge,eval,planner")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="output folder")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    res = {"machine": f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)}"
+                      f" GiB RAM, {platform.processor() or platform.machine()}, Python {platform.python_version()}"}
+    parts = {"builder": lambda: bench_builder(Path(args.tiny_model), args.records, args.context_tables),
+             "guardrail": lambda: bench_guardrail(args.guard_rounds),
+             "merge": lambda: bench_merge_rss(args.merge_shards),
+             "eval": lambda: bench_eval(Path(args.tiny_model), Path(args.eval_data), Path(args.catalog),
+                                        args.eval_limit),
+             "planner": bench_planner}
+    for name, run in parts.items():
+        if name not in skip:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            res[name] = run()
+    md = markdown(res)
+    atomic_write_json(Path(args.out) / "bench.json", res)
+    atomic_write_text(Path(args.out) / "bench.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1125 @@
+r"""Package a LoRA adapter for serving: streaming merge into the bf16 base, 4-bit quantization, manifest, verify.
+
+    python custom_oracle_llama/package_oracle_model.py --base_model Llama-3.3-70B-Instruct --lora_adapter adapter \
+        --merged_out merged --quant_out quant --quant_method awq --calib_data ebs_sft.json
+    python custom_oracle_llama/package_oracle_model.py verify quant             # recompute every hash
+    python custom_oracle_llama/package_oracle_model.py bench-merge --shards 4   # merge peak RSS vs largest shard
+
+1. Merge: W += (alpha/r) * B @ A for every LoRA target, computed in fp32 and stored in the base dtype (bf16),
+   streamed tensor by tensor through the base's safetensors shards. Each output shard reuses its input shard's
+   header byte for byte (a merge changes no name, dtype, shape or offset); untouched tensors are copied in 4 MiB
+   blocks, and only one LoRA-targeted matrix is in memory at a time. Config, tokenizer, chat template, generation
+   config, licence files and model.safetensors.index.json are copied unchanged. Then the merge is checked against
+   PEFT on a few held-out prompts: logits of the merged model vs PeftModel(base, adapter), both in fp32. Allowed:
+   what bf16 rounding of the merged weights explains, measured by rounding PEFT's own fp32 merge toward zero; the
+   top-1 token must agree wherever the reference's top-1 margin is larger than the difference.
+2. Quantize with llm-compressor (the maintained successor of AutoAWQ, which is archived, and auto-gptq, which does
+   not import under transformers 5 nor quantize without CUDA): compressed-tensors "pack-quantized" W4A16,
+   symmetric int4 weights in groups of --group_size, lm_head and embeddings kept bf16, the format vLLM serves
+   (Marlin kernels on A100). awq = AWQModifier + QuantizationModifier (default), gptq = GPTQModifier (fallback).
+   Calibration uses only the SFT conversations, tokenized through the model's chat template
+   (apply_chat_template(tokenize=True): one <|begin_of_text|>), as an in-memory dataset: no hub access.
+   Conversations longer than --calib_max_seq_len are skipped and counted, never truncated.
+3. Quality: quantized vs merged on held-out prompts (relative logit error, top-1 agreement, greedy-output
+   agreement); warnings above --max_rel_logit_error / below --min_top1_agreement.
+4. oracle_manifest.json in both outputs: inputs (sha256 of every base weight file + a tree hash, adapter hashes,
+   dataset id, dataset manifest and prompt template hashes), merge-check figures, recipe, calibration, quality,
+   library versions, timestamps and {file: sha256} of every file beside it. `verify DIR` recomputes them.
+Each output is built in a temp dir beside it and renamed into place only when everything has succeeded.
+
+Memory to provision:
+- merge: one LoRA-targeted matrix plus ~25 MB of buffers beyond the Python process, whatever the shard size
+  (70B: a 28672x8192 MLP matrix, 0.47 GB in bf16). `bench-merge` measures it on a multi-shard checkpoint.
+  Disk: the base's size again for --merged_out.
+- merge check: base + adapter, then the merged model, in fp32 (4 bytes/parameter: ~282 GB for 70B).
+  On a smaller host pass --merge_check_prompts 0 (the manifest records it as skipped).
+- quantization and quality check: the merged model in bf16 in CPU RAM (~141 GB for 70B) plus calibration
+  activations; llm-compressor moves one decoder layer at a time to the GPU when there is one (one A100-80GB is
+  enough), else calibrates on the CPU (fine for the tiny demo model, impractical for 70B). Output ~40 GB.
+
+Relation to XiYan-SQLTraining's train/utils/adapter_merge.py: the same merge through PEFT (PeftModel.from_pretrained
++ merge_and_unload + save_pretrained), but it loads the adapter as fp16 and the whole base model at once, so a 70B
+merge needs memory for the full model (~140 GB in 16-bit) and the adapter is rounded to fp16 first. This script
+writes what PEFT's merge_and_unload computes (checked tensor by tensor in tests/test_package.py: within one bf16
+step) without loading the model: the LoRA A/B matrices are read in their stored precision, the update is formed in
+fp32 and rounded once to bf16, and the shards are streamed. PEFT is still used, as the independent reference of
+the merge check.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# torch's OpenMP threads spin-wait for each other; on a CPU host shared with other jobs every small op then waits
+# for a scheduler time slice (measured on the 2-core CI box under load: 32-token greedy decoding 9 s -> 0.2 s).
+# Passive waiting costs nothing measurable on an idle host. Must be set before torch loads; an explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from artifacts import (StageError, atomic_dir, atomic_write_json, library_versions, sha256_file,  # noqa: E402
+                       tree_hashes, tree_sha256)
+from prompting import chat_messages, template_sha256  # noqa: E402
+
+MANIFEST = "oracle_manifest.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+COPY_BLOCK = 4 << 20            # bytes per read/write when copying untouched tensors
+MERGE_BLOCK_ELEMS = 4 << 20     # fp32 elements per row block of W + s * B @ A (bounds the temporaries to ~48 MB)
+# Files copied unchanged from the base: configs, tokenizer, chat template, index, licence/readme.
+SUPPORT_SUFFIXES = {".json", ".jinja", ".txt", ".model", ".tiktoken", ".md"}
+SUPPORT_PREFIXES = ("LICENSE", "USE_POLICY", "NOTICE", "README")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+PEFT_PREFIX = "base_model.model."
+# LoRA features whose merge is not W += s * B @ A on a linear weight: refused rather than merged wrongly.
+UNSUPPORTED_ADAPTER = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+                       "modules_to_save": "modules_to_save (fully trained extra modules)",
+                       "trainable_token_indices": "trainable token embeddings", "target_parameters": "target_parameters",
+                       "layer_replication": "layer_replication", "lora_bias": "lora_bias", "use_qalora": "QA-LoRA",
+                       "alora_invocation_tokens": "activated LoRA"}
+LIBRARIES = ("torch", "transformers", "peft", "safetensors", "llmcompressor", "compressed-tensors", "accelerate",
+             "datasets", "tokenizers")
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- safetensors, read and written as a byte stream --------------------------------------------------------------
+# Not safe_open + save_file: safe_open memory-maps the shard (every page read counts toward RSS until unmapped) and
+# save_file serialises a whole dict of tensors, so a shard-at-a-time merge holds 2-3x the shard. A merge never
+# changes a tensor's name, dtype or shape, so the output shard can reuse the input header verbatim and be written
+# sequentially while the input is read sequentially.
+TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def read_header(path) -> tuple[int, dict]:
+    """-> (offset of the data section, header dict) of a .safetensors file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            if size is None or size > 100 << 20 or size > path.stat().st_size - 8:
+                raise StageError(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(f.read(size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageError(f"cannot read safetensors header of {path}: {e}")
+    return 8 + size, header
+
+
+def tensor_entries(header: dict) -> list[tuple[str, dict]]:
+    """Tensors in data order (the order their bytes appear in the file)."""
+    return sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def read_tensor(f, data_start: int, info: dict, into: bytearray | None = None):
+    """One tensor, read with plain file I/O (no mmap) into a new buffer or the front of `into`."""
+    import torch
+
+    begin, end = info["data_offsets"]
+    buf = memoryview(into)[:end - begin] if into is not None else bytearray(end - begin)
+    f.seek(data_start + begin)
+    if f.readinto(buf) != len(buf):
+        raise StageError(f"{f.name} is truncated")
+    dtype = getattr(torch, TORCH_DTYPES[info["dtype"]])
+    if not len(buf):
+        return torch.empty(info["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
+# ---- the LoRA adapter -------------------------------------------------------------------------------------------
+@dataclass
+class LoraTarget:
+    a_key: str
+    b_key: str
+    rank: int
+    scale: float
+    in_features: int
+    out_features: int
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """rank_pattern / alpha_pattern lookup, same rule as peft.utils.other.get_pattern_key."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_plan(adapter_dir) -> tuple[dict[str, LoraTarget], dict]:
+    """{base weight name: LoraTarget} from adapter_config.json + the A/B tensor headers (no weights are read)."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise StageError(f"not a LoRA adapter: {cfg_path} missing")
+    if not weights.is_file():
+        raise StageError(f"adapter weights missing: {weights} (only safetensors adapters are supported)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{cfg_path} is not valid JSON: {e.msg}")
+    if cfg.get("peft_type") != "LORA":
+        raise StageError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for flag, what in UNSUPPORTED_ADAPTER.items():
+        if cfg.get(flag):
+            raise StageError(f"{cfg_path}: {what} is not supported by the streaming merge")
+    if cfg.get("bias", "none") != "none":
+        raise StageError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (bias must be 'none')")
+
+    _, header = read_header(weights)
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    plan = {}
+    for key in sorted(shapes):
+        if not key.endswith(LORA_SUFFIXES):
+            raise StageError(f"{weights}: tensor {key} is not a LoRA A/B matrix (only linear LoRA can be merged)")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[:-len(".lora_A.weight")]
+        b_key = module + ".lora_B.weight"
+        if b_key not in shapes:
+            raise StageError(f"{weights}: {key} has no matching lora_B")
+        (rank, in_f), (out_f, rank_b) = shapes[key], shapes[b_key]
+        name = module.removeprefix(PEFT_PREFIX)
+        expected_r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r"))
+        if rank != rank_b or rank == 0 or rank != expected_r or 0 in (in_f, out_f):
+            raise StageError(f"{weights}: {name} has lora_A {shapes[key]} / lora_B {shapes[b_key]}, inconsistent "
+                             f"with r={expected_r} in adapter_config.json")
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha"))
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        plan[name + ".weight"] = LoraTarget(key, b_key, rank, scale, in_f, out_f)
+    if len(plan) * 2 != len(shapes):
+        orphan = sorted(k for k in shapes if k.endswith(".lora_B.weight")
+                        and k[:-len(".lora_B.weight")] + ".lora_A.weight" not in shapes)
+        raise StageError(f"{weights}: {orphan[0]} has no matching lora_A")
+    if not plan:
+        raise StageError(f"{weights} has no LoRA tensors")
+    return plan, cfg
+
+
+# ---- the base model ---------------------------------------------------------------------------------------------
+def weight_shards(base_dir) -> list[str]:
+    """Shard file names of a safetensors checkpoint (from its index when there is one)."""
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise StageError(f"base model not found: {base_dir / 'config.json'} missing")
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise StageError(f"{index} is not a safetensors index: {e}")
+    else:
+        shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
+    if not shards:
+        raise StageError(f"no *.safetensors weights in {base_dir} (.bin/.pth checkpoints: convert to safetensors first)")
+    missing = [s for s in shards if not (base_dir / s).is_file()]
+    if missing:
+        raise StageError(f"base model incomplete: {base_dir / missing[0]} missing")
+    return shards
+
+
+def support_files(base_dir, shards: list[str]) -> tuple[list[str], list[str]]:
+    """(files copied unchanged, top-level entries left out) of the base dir."""
+    copied, skipped = [], []
+    for p in sorted(Path(base_dir).iterdir()):
+        if p.name in shards or p.name == MANIFEST:
+            continue
+        keep = p.is_file() and (p.suffix in SUPPORT_SUFFIXES or p.name.startswith(SUPPORT_PREFIXES))
+        (copied if keep else skipped).append(p.name)
+    return copied, skipped
+
+
+def check_adapter_fits(plan: dict[str, LoraTarget], base_dir, shards: list[str]) -> dict[str, str]:
+    """Every LoRA target exists in the base with the shape B @ A produces: -> {weight name: shard}."""
+    where = {}
+    for shard in shards:
+        _, header = read_header(Path(base_dir) / shard)
+        for name, info in header.items():
+            if name != "__metadata__":
+                where[name] = (shard, info)
+    located = {}
+    for name, t in plan.items():
+        if name not in where:
+            raise StageError(f"adapter does not match the base model: it adapts {name.removesuffix('.weight')}, "
+                             f"which {base_dir} does not have (trained on a different base?)")
+        shard, info = where[name]
+        if list(info["shape"]) != [t.out_features, t.in_features]:
+            raise StageError(f"adapter does not match the base model: {name} is {info['shape']} in the base but "
+                             f"the LoRA update is [{t.out_features}, {t.in_features}] (different hidden/intermediate "
+                             f"size: trained on a different base?)")
+        if info["dtype"] not in TORCH_DTYPES:
+            raise StageError(f"base weight {name} has dtype {info['dtype']}: merge into the unquantized bf16 base")
+        located[name] = shard
+    return located
+
+
+def check_base_identity(adapter_dir, base_dir, allow_mismatch: bool) -> dict:
+    """Compare the base's config.json with the one recorded when the adapter was trained."""
+    tm_path = Path(adapter_dir) / "training_manifest.json"
+    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    now = sha256_file(Path(base_dir) / "config.json")
+    trained = tm.get("base_config_sha256")
+    info = {"base_config_sha256": now, "trained_base_config_sha256": trained,
+            "trained_base_model": tm.get("base_model"), "matches": trained == now if trained else None}
+    if trained and trained != now and not allow_mismatch:
+        raise StageError(f"adapter does not match the base model: {base_dir}/config.json has sha256 {now[:12]}, the "
+                         f"adapter was trained on {tm.get('base_model')} with config sha256 {trained[:12]} "
+                         f"(pass --allow_base_mismatch if only the config file changed)")
+    return info
+
+
+# ---- merge --------------------------------------------------------------------------------------------------------
+def merge_weight_(w, a, b, scale: float, work=None) -> None:
+    """w += scale * b @ a in place: fp32 arithmetic, one rounding to w's dtype, in row blocks.
+
+    `work` (fp32, >= one row) is reused across calls: allocating and freeing tens of MB per tensor fragments the
+    heap, and glibc then keeps the freed memory resident, which made RSS creep up tensor after tensor.
+    """
+    import torch
+
+    a32 = a.to(torch.float32)
+    cols = w.shape[1]
+    if work is None or work.numel() < cols:
+        work = torch.empty(max(cols, min(MERGE_BLOCK_ELEMS, w.numel())), dtype=torch.float32)
+    rows = max(1, work.numel() // max(1, cols))
+    for i in range(0, w.shape[0], rows):
+        blk = w[i:i + rows]
+        acc = work[:blk.numel()].view(blk.shape)
+        acc.copy_(blk)
+        acc.addmm_(b[i:i + rows].to(torch.float32), a32, alpha=scale)
+        blk.copy_(acc)
+
+
+class _HashingWriter:
+    """Sequential writer that hashes what it writes and turns ENOSPC into one clear line."""
+
+    def __init__(self, path):
+        self.path, self.f, self.h = Path(path), open(path, "wb"), hashlib.sha256()
+
+    def write(self, data) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise StageError(f"cannot write {self.path}: {e.strerror} "
+                             f"({shutil.disk_usage(self.path.parent).free >> 20} MiB free)") from e
+        self.h.update(data)
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError as e:
+            raise StageError(f"cannot write {self.path}: {e.strerror}") from e
+
+
+class MergeBuffers:
+    """The merge's only large allocations, sized once for the largest tensor and reused for every shard."""
+
+    def __init__(self, largest_target_bytes: int, largest_other_bytes: int, largest_cols: int):
+        import torch
+        self.weight = bytearray(largest_target_bytes)
+        self.copy = bytearray(max(1, min(COPY_BLOCK, largest_other_bytes)))
+        self.work = torch.empty(max(largest_cols, min(MERGE_BLOCK_ELEMS, largest_target_bytes // 2)),
+                                dtype=torch.float32)
+
+
+def merge_shard(src, dst, plan: dict[str, LoraTarget], adapter_f, adapter_start: int, adapter_header: dict,
+                bufs: MergeBuffers, progress=None) -> tuple[str, str, int]:
+    """Stream one shard: -> (sha256 of the input, sha256 of the output, number of merged tensors)."""
+    data_start, header = read_header(src)
+    src_hash, merged, pos = hashlib.sha256(), 0, 0
+    entries = tensor_entries(header)
+    block = bufs.copy
+    out = _HashingWriter(dst)
+    try:
+        with open(src, "rb") as f:
+            head = f.read(data_start)
+            src_hash.update(head)
+            out.write(head)
+            for name, info in entries:
+                begin, end = info["data_offsets"]
+                if begin != pos:
+                    raise StageError(f"{src}: tensor {name} does not start where the previous one ends")
+                if name in plan:
+                    t = plan[name]
+                    raw = memoryview(bufs.weight)[:end - begin]
+                    w = read_tensor(f, data_start, info, into=bufs.weight)
+                    src_hash.update(raw)
+                    merge_weight_(w, read_tensor(adapter_f, adapter_start, adapter_header[t.a_key]),
+                                  read_tensor(adapter_f, adapter_start, adapter_header[t.b_key]), t.scale, bufs.work)
+                    out.write(raw)
+                    merged += 1
+                    del w
+                else:
+                    left = end - begin
+                    while left:
+                        n = f.readinto(memoryview(block)[:min(left, COPY_BLOCK)])
+                        if not n:
+                            raise StageError(f"{src} is truncated")
+                        src_hash.update(memoryview(block)[:n])
+                        out.write(memoryview(block)[:n])
+                        left -= n
+                if progress is not None:
+                    progress.update(end - begin)
+                pos = end
+            if f.read(1):
+                raise StageError(f"{src} has bytes after its last tensor")
+    finally:
+        out.close()
+    return src_hash.hexdigest(), out.h.hexdigest(), merged
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block, beyond what it held when the block started.
+
+    Linux: resets the kernel's high-water mark (echo 5 > /proc/self/clear_refs) and reads VmHWM afterwards, so the
+    figure is exact; elsewhere falls back to ru_maxrss (an upper bound that includes earlier peaks).
+    """
+
+    def __enter__(self):
+        import psutil
+        self.before = psutil.Process().memory_info().rss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "ru_maxrss (upper bound)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.method.startswith("VmHWM"):
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+            self.peak = int(line.split()[1]) * 1024
+        else:
+            import resource
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.extra = max(0, self.peak - self.before)
+        return False
+
+
+def merge_lora_shards(base_dir, adapter_dir, out_dir, progress: bool = True) -> dict:
+    """Merge the LoRA adapter into the base's safetensors shards, writing a complete HF checkpoint into out_dir.
+
+    Pure with respect to its arguments (no CLI state): the benchmark and the tests call it directly.
+    Returns the figures recorded in the manifest: shard sizes, peak RSS, hashes of inputs and outputs.
+    """
+    import torch  # noqa: F401  (imported before the RSS baseline: the libraries are not the merge's memory)
+    from tqdm import tqdm
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    shards = weight_shards(base_dir)
+    plan, cfg = lora_plan(adapter_dir)
+    located = check_adapter_fits(plan, base_dir, shards)
+    copied, skipped = support_files(base_dir, shards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in copied:
+        shutil.copyfile(base_dir / name, out_dir / name)
+
+    sizes = {s: (base_dir / s).stat().st_size for s in shards}
+    adapter_file = adapter_dir / ADAPTER_WEIGHTS
+    adapter_start, adapter_header = read_header(adapter_file)
+    nbytes = {}
+    for shard in shards:
+        for name, info in tensor_entries(read_header(base_dir / shard)[1]):
+            nbytes[name] = info["data_offsets"][1] - info["data_offsets"][0]
+    base_hashes, out_hashes, n_merged = {}, {}, 0
+    t0 = time.perf_counter()
+    with PeakRSS() as rss, open(adapter_file, "rb") as af, \
+            tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        bufs = MergeBuffers(max(nbytes[k] for k in plan), max((v for k, v in nbytes.items() if k not in plan),
+                                                              default=0), max(t.in_features for t in plan.values()))
+        for shard in shards:
+            plan_here = {k: v for k, v in plan.items() if located[k] == shard}
+            base_hashes[shard], out_hashes[shard], n = merge_shard(
+                base_dir / shard, out_dir / shard, plan_here, af, adapter_start, adapter_header, bufs, bar)
+            n_merged += n
+        del bufs
+    seconds = time.perf_counter() - t0
+    if n_merged != len(plan):
+        raise StageError(f"merged {n_merged} of {len(plan)} LoRA targets")
+    largest_target = max(t.in_features * t.out_features for t in plan.values())
+    return {
+        "shards": len(shards), "largest_shard_bytes": max(sizes.values()), "total_weight_bytes": sum(sizes.values()),
+        "merged_tensors": n_merged, "largest_merged_tensor_elements": largest_target,
+        "lora_rank": sorted({t.rank for t in plan.values()}), "lora_scale": sorted({t.scale for t in plan.values()}),
+        "target_modules": sorted({k.split(".")[-2] for k in plan}),
+        "peak_rss_extra_bytes": rss.extra, "rss_before_bytes": rss.before, "peak_rss_method": rss.method,
+        "peak_rss_over_largest_shard": round(rss.extra / max(sizes.values()), 4),
+        "seconds": round(seconds, 3), "copied_files": copied, "skipped_base_entries": skipped,
+        "base_weight_sha256": base_hashes, "merged_weight_sha256": out_hashes, "adapter_config": cfg,
+    }
+
+
+# ---- prompts, calibration -------------------------------------------------------------------------------------
+def load_records(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"data not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path} is not valid JSON: {e}")
+    if not isinstance(data, list) or not data:
+        raise StageError(f"{path} must be a non-empty JSON list of XiYan conversation records")
+    for n, rec in enumerate(data):
+        conv = rec.get("conversations") if isinstance(rec, dict) else None
+        if not conv or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in conv) \
+                or conv[0]["role"] != "user":
+            raise StageError(f"{path} record {n}: needs 'conversations' starting with a user turn")
+    return data
+
+
+def record_messages(rec: dict, with_answer: bool) -> list[dict]:
+    """The record as served: re-rendered through prompting.chat_messages when it carries question + context."""
+    if "question" in rec and "context" in rec:
+        return chat_messages(rec["question"], rec["context"], answer_sql=rec.get("sql") if with_answer else None)
+    conv = rec["conversations"]
+    return conv if with_answer else conv[:1]
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids exactly as vLLM's chat endpoint builds them; the template supplies the one BOS."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (ids[:1] != [bos] or ids.count(bos) != 1):
+        raise StageError(f"chat template produced {ids.count(bos)} BOS tokens (expected exactly one, first)")
+    return ids
+
+
+def split_records(records: list[dict], holdout: list[dict] | None, n_eval: int, seed: int) -> tuple[list, list, str]:
+    """-> (calibration candidates in a seeded order, eval records, where eval came from)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    shuffled = [records[i] for i in order]
+    if holdout:
+        return shuffled, holdout[:n_eval], "holdout"
+    if len(shuffled) <= n_eval:
+        raise StageError(f"{len(shuffled)} records: too few to hold {n_eval} out for the quality check "
+                         f"(give --eval_data or lower --num_eval_prompts)")
+    return shuffled[n_eval:], shuffled[:n_eval], "calib_data (held out of calibration)"
+
+
+def calibration_set(tokenizer, records: list[dict], n: int, max_len: int) -> tuple[list[list[int]], dict]:
+    """Whole conversations (prompt + SQL: decoding sees both) that fit max_len, in order, up to n."""
+    rows, texts, too_long = [], [], 0
+    for rec in records:
+        if len(rows) == n:
+            break
+        ids = chat_ids(tokenizer, rec["conversations"])
+        if len(ids) > max_len:
+            too_long += 1
+            continue
+        rows.append(ids)
+        texts.append(tokenizer.apply_chat_template(rec["conversations"], tokenize=False))
+    if not rows:
+        raise StageError(f"no calibration conversation fits --calib_max_seq_len {max_len} ({too_long} too long)")
+    lengths = sorted(len(r) for r in rows)
+    return rows, {
+        "requested": n, "used": len(rows), "skipped_too_long": too_long, "max_seq_len": max_len,
+        "tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1],
+                   "total": sum(lengths)},
+        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+        "token_ids_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+    }
+
+
+# ---- merge check (merged vs PEFT base + adapter) --------------------------------------------------------------------
+def _logits(model, ids: list[int]):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _truncate_to_bf16_(model) -> None:
+    """Round every weight toward zero to bf16 precision (kept in fp32): a second, cruder bf16 rounding."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.view(torch.int32).bitwise_and_(-65536)
+
+
+def merge_check(base_dir, adapter_dir, merged_dir, prompts: list[list[int]], progress: bool = True) -> dict:
+    """Merged-model logits vs PeftModel(base, adapter) logits (unmerged, fp32) on the given token sequences.
+
+    A correct merge differs from the reference only by rounding W + s*B@A to bf16 (round to nearest). The allowed
+    difference is measured, not guessed: the same exact merge (PEFT merge_and_unload in fp32) rounded toward zero
+    to bf16, i.e. a rounding about twice as coarse on average. The merged model must be at least as close to the
+    reference as that, in mean and max |logit difference|, and agree on the top-1 token wherever the reference's
+    top-1 margin exceeds twice the observed difference. A wrong scale, a missed module or a transposed update
+    moves the logits by a fraction of the adapter's own effect, far above the rounding floor.
+    """
+    import torch
+    from peft import PeftModel
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      str(adapter_dir)).eval()
+    ref = [_logits(model, ids) for ids in tqdm(prompts, desc="merge check: PEFT base+adapter", disable=not progress)]
+    with model.disable_adapter():
+        effect = torch.cat([(_logits(model, ids) - r).abs().flatten() for ids, r in zip(prompts, ref)])
+    model = model.merge_and_unload()
+    _truncate_to_bf16_(model)
+    floor = torch.cat([(_logits(model, ids) - r).abs().flatten() for ids, r in zip(prompts, ref)])
+    del model
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    got = [_logits(merged, ids) for ids in tqdm(prompts, desc="merge check: merged", disable=not progress)]
+    del merged
+    diff = torch.cat([(g - r).abs().flatten() for g, r in zip(got, ref)])
+    max_abs, mean_abs = diff.max().item(), diff.mean().item()
+    agree = decidable = disagree_decidable = 0
+    for g, r in zip(got, ref):
+        top2 = r.topk(2, dim=-1).values
+        margin_ok = (top2[:, 0] - top2[:, 1]) > 2 * max_abs
+        same = g.argmax(-1) == r.argmax(-1)
+        agree += same.sum().item()
+        decidable += margin_ok.sum().item()
+        disagree_decidable += (margin_ok & ~same).sum().item()
+    positions = sum(len(p) for p in prompts)
+    ok = max_abs <= floor.max().item() and mean_abs <= floor.mean().item() and disagree_decidable == 0
+    return {"ok": ok, "prompts": len(prompts), "positions": positions,
+            "max_abs_logit_diff": max_abs, "mean_abs_logit_diff": mean_abs,
+            "rounding_floor_max_abs_diff": floor.max().item(), "rounding_floor_mean_abs_diff": floor.mean().item(),
+            "adapter_effect_max_abs": effect.max().item(), "adapter_effect_mean_abs": effect.mean().item(),
+            "max_abs_ref_logit": max(r.abs().max().item() for r in ref),
+            "top1_agreement": agree / positions, "top1_decidable_positions": decidable,
+            "top1_disagreements_where_decidable": disagree_decidable, "compute_dtype": "float32"}
+
+
+# ---- quantization ----------------------------------------------------------------------------------------------
+def cpu_workarounds() -> list[str]:
+    """Patches llm-compressor needs without an accelerator; returns what was applied (recorded in the manifest).
+
+    llm-compressor 0.14.0.1 AWQModifier._apply_smoothing pins the cached layer inputs before its grid search
+    (src/llmcompressor/modifiers/transform/awq/base.py, `cache.pin_memory(batch_index)`, calling
+    src/llmcompressor/pipelines/cache.py IntermediatesCache.pin_memory ->
+    tensor.pin_memory()), and torch raises "Cannot access accelerator device when none is available".
+    Page-locking only speeds host-to-device copies, and on a CPU-only host there are none, so skipping it changes
+    no value. Applied only when torch sees no accelerator; GPU hosts run llm-compressor unmodified.
+    """
+    import torch
+    if torch.accelerator.is_available():
+        return []
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if not hasattr(IntermediatesCache, "pin_memory"):
+        return []           # a later llm-compressor without the call: nothing to patch
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    return ["llmcompressor.pipelines.cache.IntermediatesCache.pin_memory -> no-op (no accelerator: "
+            "AWQ smoothing would call tensor.pin_memory(), which needs one)"]
+
+
+def check_group_size(config: dict, group_size: int) -> None:
+    """Every quantized Linear's input width must be a multiple of the group size."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    widths = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
+              "num_attention_heads*head_dim": config["num_attention_heads"] * head_dim}
+    bad = {k: v for k, v in widths.items() if v % group_size}
+    if group_size <= 0 or bad:
+        raise StageError(f"--group_size {group_size} does not divide {bad or widths} (Linear input widths)")
+
+
+def build_recipe(method: str, group_size: int) -> list:
+    from llmcompressor.modifiers.transform import AWQModifier  # not modifiers.awq: a deprecated shim
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    # Symmetric int4 groups (the W4A16 preset at group 128): one format for both methods, the one vLLM's
+    # compressed-tensors WNA16 path serves (Marlin on A100; the CPU build was seen serving the GPTQ output).
+    groups = {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}}
+    if method == "awq":
+        return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    return [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+
+
+def quantize(merged_dir, out_dir, method: str, calib_rows: list[list[int]], group_size: int, max_len: int) -> dict:
+    """llm-compressor oneshot on the merged checkpoint; writes a compressed-tensors checkpoint into out_dir."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    applied = cpu_workarounds() if method == "awq" else []
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ds = Dataset.from_dict({"input_ids": calib_rows, "attention_mask": [[1] * len(r) for r in calib_rows]})
+    t0 = time.perf_counter()
+    # Every row already fits max_len (longer ones were skipped), so the truncating collator never cuts anything.
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=build_recipe(method, group_size),
+            max_seq_length=max_len, num_calibration_samples=len(calib_rows), shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    model.save_pretrained(out_dir, save_compressed=True)
+    del model
+    # Tokenizer, chat template etc. byte-identical to the merged model (re-saving a tokenizer rewrites its config).
+    for p in sorted(Path(merged_dir).iterdir()):
+        if p.is_file() and p.name not in {"config.json", "generation_config.json", MANIFEST} \
+                and not p.name.startswith("model.safetensors") and (p.suffix in SUPPORT_SUFFIXES
+                                                                    or p.name.startswith(SUPPORT_PREFIXES)):
+            shutil.copyfile(p, Path(out_dir) / p.name)
+    recipe = Path(out_dir) / "recipe.yaml"
+    qcfg = json.loads((Path(out_dir) / "config.json").read_text()).get("quantization_config")
+    if not qcfg:
+        raise StageError("llm-compressor wrote no quantization_config: the checkpoint is not compressed")
+    return {"method": method, "scheme": f"W4A16 symmetric int4, group {group_size}", "group_size": group_size,
+            "ignore": ["lm_head"], "recipe_yaml": recipe.read_text() if recipe.is_file() else None,
+            "quantization_config": qcfg, "cpu_workarounds": applied, "seconds": round(seconds, 2)}
+
+
+# ---- quality: quantized vs merged ------------------------------------------------------------------------------
+def _greedy(model, ids: list[int], max_new_tokens: int, eos) -> list[int]:
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=eos[0], eos_token_id=eos)
+    return out[0, len(ids):].tolist()
+
+
+def compare_quantized(merged_dir, quant_dir, tokenizer, records: list[dict], max_new_tokens: int,
+                      progress: bool = True) -> dict:
+    """Teacher-forced logits over prompt + gold SQL, and greedy generations from the prompt, of both models."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    models = {"merged": AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval(),
+              "quant": AutoModelForCausalLM.from_pretrained(quant_dir, dtype=torch.bfloat16).eval()}
+    eos = models["merged"].generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    rel, agree, positions, same_out, prefix, examples = [], 0, 0, 0, [], []
+    for rec in tqdm(records, desc="quality: quantized vs merged", disable=not progress):
+        full = chat_ids(tokenizer, record_messages(rec, with_answer=True))
+        m, q = (_logits(models[k], full) for k in ("merged", "quant"))
+        rel.append(((q - m).norm() / m.norm()).item())
+        agree += (q.argmax(-1) == m.argmax(-1)).sum().item()
+        positions += len(full)
+        prompt = chat_ids(tokenizer, record_messages(rec, with_answer=False), add_generation_prompt=True)
+        gm, gq = (_greedy(models[k], prompt, max_new_tokens, eos) for k in ("merged", "quant"))
+        same_out += gm == gq
+        n = next((i for i, (x, y) in enumerate(zip(gm, gq)) if x != y), min(len(gm), len(gq)))
+        prefix.append(n / max(1, max(len(gm), len(gq))))
+        if len(examples) < 2:
+            examples.append({"id": rec.get("id"), "merged": tokenizer.decode(gm), "quantized": tokenizer.decode(gq)})
+    return {"prompts": len(records), "positions": positions, "rel_logit_error_mean": sum(rel) / len(rel),
+            "rel_logit_error_max": max(rel), "top1_agreement": agree / positions,
+            "greedy_identical": same_out / len(records), "greedy_common_prefix": sum(prefix) / len(prefix),
+            "max_new_tokens": max_new_tokens, "examples": examples}
+
+
+def quality_warnings(q: dict, max_rel: float, min_top1: float) -> list[str]:
+    out = []
+    if q["rel_logit_error_mean"] > max_rel:
+        out.append(f"quantized model's mean relative logit error {q['rel_logit_error_mean']:.3f} > {max_rel}")
+    if q["top1_agreement"] < min_top1:
+        out.append(f"quantized model's top-1 agreement with the merged model {q['top1_agreement']:.3f} < {min_top1}")
+    return out
+
+
+# ---- manifest and verify ---------------------------------------------------------------------------------------
+def finish_dir(root, manifest: dict) -> dict:
+    """Normal permissions (a serving user must read it), {file: sha256} of everything, manifest written last."""
+    root = Path(root)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    files = {k: v for k, v in tree_hashes(root).items() if k != MANIFEST}
+    manifest = {**manifest, "files": files, "files_tree_sha256": tree_sha256(files)}
+    atomic_write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def verify_dir(root) -> int:
+    """Recompute every file hash of a packaged dir; raise naming the first file that differs. -> files checked."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise StageError(f"{path} not found: not a packaged model dir")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StageError(f"{path} is not a packaging manifest: {e}")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    for rel in sorted(set(files) | present):
+        if rel not in files:
+            raise StageError(f"verify failed: {rel} is not in the manifest (unexpected file)")
+        if rel not in present:
+            raise StageError(f"verify failed: {rel} is missing")
+        got = sha256_file(root / rel)
+        if got != files[rel]:
+            raise StageError(f"verify failed: {rel} differs (sha256 {got[:16]}..., manifest {files[rel][:16]}...)")
+    return len(files)
+
+
+def input_summary(base_dir, adapter_dir, stats: dict) -> tuple[dict, dict]:
+    """Manifest sections for the base model and the adapter."""
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    base_files = {**stats["base_weight_sha256"], **{n: sha256_file(base_dir / n) for n in stats["copied_files"]}}
+    adapter_files = {p.name: sha256_file(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()}
+    tm_path = adapter_dir / "training_manifest.json"
+    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    base = {"path": str(base_dir.resolve()), "config_sha256": base_files["config.json"],
+            "weights_sha256": stats["base_weight_sha256"], "tree_sha256": tree_sha256(base_files),
+            "files_hashed": sorted(base_files)}
+    adapter = {"path": str(adapter_dir.resolve()), "adapter_model_sha256": adapter_files[ADAPTER_WEIGHTS],
+               "adapter_config_sha256": adapter_files["adapter_config.json"], "tree_sha256": tree_sha256(adapter_files),
+               "training_manifest_sha256": adapter_files.get("training_manifest.json"),
+               "base_model_name_or_path": stats["adapter_config"].get("base_model_name_or_path"),
+               "r": stats["adapter_config"].get("r"), "lora_alpha": stats["adapter_config"].get("lora_alpha"),
+               "target_modules": stats["target_modules"],
+               "trained": {k: tm.get(k) for k in ("data_path", "data_sha256", "dataset_id", "dataset_manifest_sha256",
+                                                  "prompt_template_sha256", "base_model", "final_loss",
+                                                  "global_step", "created_unix")}}
+    return base, adapter
+
+
+def dataset_summary(adapter_dir, calib_data: Path, eval_data: Path | None) -> tuple[dict, list[str], list | None]:
+    """Dataset provenance (adapter's training manifest + the dataset manifest beside the calibration data)."""
+    tm_path = Path(adapter_dir) / "training_manifest.json"
+    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    dm_path = Path(calib_data.with_suffix("").as_posix() + ".manifest.json")
+    dm = json.loads(dm_path.read_text()) if dm_path.is_file() else {}
+    warnings = []
+    holdout = None
+    if eval_data is None and dm.get("holdout_out"):
+        for cand in (Path(dm["holdout_out"]), dm_path.parent / Path(dm["holdout_out"]).name):
+            if cand.is_file():
+                eval_data = cand
+                break
+    if eval_data is not None:
+        holdout = load_records(eval_data)
+    calib_sha = sha256_file(calib_data)
+    current = template_sha256()
+    info = {"dataset_id": dm.get("dataset_id") or tm.get("dataset_id"),
+            "dataset_manifest": str(dm_path) if dm else None,
+            "dataset_manifest_sha256": sha256_file(dm_path) if dm else tm.get("dataset_manifest_sha256"),
+            "prompt_template_sha256": dm.get("prompt_template_sha256") or tm.get("prompt_template_sha256"),
+            "prompt_template_sha256_current": current,
+            "calib_data": str(calib_data.resolve()), "calib_data_sha256": calib_sha,
+            "training_data_sha256": tm.get("data_sha256"),
+            "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
+            "eval_data_sha256": sha256_file(eval_data) if eval_data else None}
+    if not dm:
+        warnings.append(f"no dataset manifest beside {calib_data} ({dm_path.name}): dataset_id from the adapter only")
+    if tm.get("data_sha256") and tm["data_sha256"] != calib_sha:
+        warnings.append("calibration data differs from the data the adapter was trained on")
+    if tm.get("dataset_manifest_sha256") and dm and tm["dataset_manifest_sha256"] != info["dataset_manifest_sha256"]:
+        warnings.append("dataset manifest differs from the one recorded when the adapter was trained")
+    for src, sha in (("adapter training", tm.get("prompt_template_sha256")),
+                     ("dataset", dm.get("prompt_template_sha256"))):
+        if sha and sha != current:
+            warnings.append(f"prompt template changed since {src} (sha256 {sha[:12]} vs current {current[:12]}): "
+                            f"the served prompt differs from the trained one")
+    return info, warnings, holdout
+
+
+# ---- benchmark: peak RSS of the streaming merge on a multi-shard checkpoint -------------------------------------
+def _bench_child(base, adapter, out, queue) -> None:
+    try:
+        queue.put(merge_lora_shards(base, adapter, out, progress=False))
+    except BaseException as e:  # the parent reports it
+        queue.put({"error": repr(e)})
+
+
+def bench_merge(shards: int, workdir, hidden: int = 1024, intermediate: int = 4096, layers: int = 8,
+                vocab: int = 8192, rank: int = 16) -> dict:
+    """Build a Llama-shaped checkpoint with `shards` shards and a matching random LoRA, then merge it in a fresh
+    process and report its peak RSS beyond its starting RSS against the largest shard."""
+    import multiprocessing as mp
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    workdir = Path(workdir)
+    base, adapter, out = workdir / "base", workdir / "adapter", workdir / "merged"
+    for p in (base, adapter, out):
+        shutil.rmtree(p, ignore_errors=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+                      vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(base, max_shard_size=max(1 << 20, math.ceil(total * 1.1 / shards)))
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    peft.save_pretrained(adapter)
+    del model, peft
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_bench_child, args=(str(base), str(adapter), str(out), queue))
+    proc.start()
+    stats = queue.get()
+    proc.join()
+    if "error" in stats:
+        raise StageError(f"bench merge failed: {stats['error']}")
+    keep = ("shards", "largest_shard_bytes", "total_weight_bytes", "merged_tensors", "largest_merged_tensor_elements",
+            "peak_rss_extra_bytes", "rss_before_bytes", "peak_rss_method", "peak_rss_over_largest_shard", "seconds")
+    result = {k: stats[k] for k in keep}
+    result.update({"budget": "peak_rss_extra_bytes <= 2 x largest_shard_bytes",
+                   "within_budget": stats["peak_rss_extra_bytes"] <= 2 * stats["largest_shard_bytes"],
+                   "model": {"hidden": hidden, "intermediate": intermediate, "layers": layers, "vocab": vocab,
+                             "lora_rank": rank},
+                   "throughput_MBps": round(stats["total_weight_bytes"] / 1e6 / max(stats["seconds"], 1e-9), 1)})
+    return result
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base_model", required=True, help="base model dir, HF safetensors format, bf16 (not quantized)")
+    ap.add_argument("--lora_adapter", required=True, help="PEFT LoRA adapter dir (adapter_model.safetensors + config)")
+    ap.add_argument("--merged_out", required=True, help="output dir of the merged bf16 checkpoint")
+    ap.add_argument("--quant_out", help="output dir of the 4-bit checkpoint (required unless --quant_method none)")
+    ap.add_argument("--quant_method", choices=["awq", "gptq", "none"], default="awq",
+                    help="awq (default): AWQ smoothing + W4A16; gptq: GPTQ W4A16 (fallback); none: merge only")
+    ap.add_argument("--calib_data", help="SFT conversations JSON for calibration (default: the data the adapter was "
+                                         "trained on, from its training_manifest.json)")
+    ap.add_argument("--eval_data", help="held-out conversations JSON for the merge and quality checks (default: the "
+                                        "holdout named in the dataset manifest, else records kept out of calibration)")
+    ap.add_argument("--num_calib_samples", type=int, default=64, help="calibration conversations (default 64)")
+    ap.add_argument("--calib_max_seq_len", type=int, default=1024,
+                    help="longest calibration conversation in tokens; longer ones are skipped, never truncated")
+    ap.add_argument("--group_size", type=int, default=128, help="int4 quantization group size (default 128)")
+    ap.add_argument("--num_eval_prompts", type=int, default=8, help="held-out prompts for the quality check (default 8)")
+    ap.add_argument("--merge_check_prompts", type=int, default=4,
+                    help="prompts for the merged-vs-PEFT logit check (default 4; 0 skips it: it needs the "
+                         "model in fp32)")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="greedy tokens compared in the quality check (default 32)")
+    ap.add_argument("--max_rel_logit_error", type=float, default=0.10,
+                    help="warn when the quantized model's mean relative logit error exceeds this (default 0.10)")
+    ap.add_argument("--min_top1_agreement", type=float, default=0.90,
+                    help="warn when quantized/merged top-1 agreement falls below this (default 0.90)")
+    ap.add_argument("--allow_base_mismatch", action="store_true",
+                    help="accept a base whose config.json differs from the one the adapter was trained on "
+                         "(tensor names and shapes are still checked)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration/eval split (default 0)")
+    ap.add_argument("--force", action="store_true", help="replace existing output dirs")
+    args = ap.parse_args(argv)
+    if args.quant_method != "none" and not args.quant_out:
+        ap.error("--quant_out is required unless --quant_method none")
+    if min(args.num_calib_samples, args.calib_max_seq_len, args.num_eval_prompts, args.max_new_tokens) < 1 \
+            or args.merge_check_prompts < 0:
+        ap.error("sample counts, lengths and token counts must be positive")
+    return args
+
+
+def check_paths(args) -> None:
+    """Inputs exist; outputs are new (or --force), distinct, and nowhere inside an input."""
+    for flag, p in (("--base_model", args.base_model), ("--lora_adapter", args.lora_adapter)):
+        if not Path(p).is_dir():
+            raise StageError(f"{flag} {p} is not a directory")
+    outs = [("--merged_out", Path(args.merged_out))] + ([("--quant_out", Path(args.quant_out))]
+                                                        if args.quant_method != "none" else [])
+    ins = [Path(args.base_model).resolve(), Path(args.lora_adapter).resolve()]
+    for flag, out in outs:
+        r = out.resolve()
+        if any(r == i or i in r.parents or r in i.parents for i in ins):
+            raise StageError(f"{flag} {out} overlaps an input directory")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+            raise StageError(f"{out} exists and is not empty (pass --force to replace it)")
+    if len(outs) == 2 and outs[0][1].resolve() == outs[1][1].resolve():
+        raise StageError("--merged_out and --quant_out must differ")
+
+
+def check_free_space(need: dict) -> None:
+    """need: {dir: bytes}; dirs on one filesystem share its free space."""
+    by_dev = {}
+    for d, n in need.items():
+        d = Path(d)
+        while not d.exists():
+            d = d.parent
+        dev = d.stat().st_dev
+        by_dev.setdefault(dev, [d, 0])[1] += n
+    for d, n in by_dev.values():
+        avail = shutil.disk_usage(d).free
+        if n > avail:
+            raise StageError(f"not enough disk space under {d}: need ~{n >> 20} MiB, {avail >> 20} MiB free")
+
+
+def print_summary(rows: list[tuple[str, str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(stderr=True).print(table)
+
+
+def preflight(args) -> dict:
+    """Everything that can be refused cheaply, before any output exists or any model is loaded."""
+    check_paths(args)
+    base_dir, adapter_dir = Path(args.base_model), Path(args.lora_adapter)
+    calib_data = args.calib_data
+    if calib_data is None:
+        tm_path = adapter_dir / "training_manifest.json"
+        calib_data = json.loads(tm_path.read_text()).get("data_path") if tm_path.is_file() else None
+        if not calib_data:
+            raise StageError("--calib_data not given and the adapter's training_manifest.json names no data_path")
+    calib_data = Path(calib_data)
+    records = load_records(calib_data)
+    identity = check_base_identity(adapter_dir, base_dir, args.allow_base_mismatch)
+    shards = weight_shards(base_dir)
+    check_adapter_fits(lora_plan(adapter_dir)[0], base_dir, shards)
+    if args.quant_method != "none":
+        check_group_size(json.loads((base_dir / "config.json").read_text()), args.group_size)
+    dataset, warnings, holdout = dataset_summary(adapter_dir, calib_data,
+                                                 Path(args.eval_data) if args.eval_data else None)
+    weights = sum((base_dir / s).stat().st_size for s in shards)
+    need = {Path(args.merged_out).parent: weights}
+    if args.quant_method != "none":     # 4-bit weights + bf16 embeddings/lm_head: well under half the bf16 size
+        need[Path(args.quant_out).parent] = need.get(Path(args.quant_out).parent, 0) + weights // 2
+    check_free_space(need)
+    calib_pool, eval_recs, dataset["eval_source"] = split_records(records, holdout, args.num_eval_prompts, args.seed)
+    if identity["matches"] is False:
+        warnings.append("--allow_base_mismatch: base config.json differs from the one the adapter was trained on")
+    return {"base_dir": base_dir, "adapter_dir": adapter_dir, "calib_data": calib_data, "calib_pool": calib_pool,
+            "eval_recs": eval_recs, "warnings": warnings,
+            "common": {"schema_version": 1, "started_utc": now_utc(), "command": sys.argv, "dataset": dataset,
+                       "base_identity": identity, "versions": library_versions(*LIBRARIES)}}
+
+
+def merge_stage(args, job: dict, out_dir: Path, tokenizer) -> dict:
+    """Streaming merge + PEFT merge check into out_dir; -> the merged manifest."""
+    base_dir, adapter_dir = job["base_dir"], job["adapter_dir"]
+    stats = merge_lora_shards(base_dir, adapter_dir, out_dir)
+    job["common"]["base_model"], job["common"]["adapter"] = input_summary(base_dir, adapter_dir, stats)
+    prompts = [chat_ids(tokenizer, record_messages(r, with_answer=True))
+               for r in job["eval_recs"][:args.merge_check_prompts]]
+    check = (merge_check(base_dir, adapter_dir, out_dir, prompts) if prompts
+             else {"ok": None, "skipped": "--merge_check_prompts 0"})
+    if check["ok"] is False:
+        raise StageError(f"merge check failed: merged logits differ from PEFT base+adapter by up to "
+                         f"{check['max_abs_logit_diff']:.4g} (mean {check['mean_abs_logit_diff']:.3g}) where bf16 "
+                         f"rounding allows {check['rounding_floor_max_abs_diff']:.4g} (mean "
+                         f"{check['rounding_floor_mean_abs_diff']:.3g}); "
+                         f"{check['top1_disagreements_where_decidable']} decidable top-1 disagreements")
+    job["merge"] = {**{k: v for k, v in stats.items() if k not in ("base_weight_sha256", "adapter_config")},
+                    "check": check}
+    return finish_dir(out_dir, {"kind": "oracle_merged_model", **job["common"], "merge": job["merge"],
+                                "warnings": job["warnings"], "finished_utc": now_utc()})
+
+
+def quant_stage(args, job: dict, merged_dir: Path, merged_manifest: dict, out_dir: Path, tokenizer) -> dict:
+    """Calibrate + quantize the merged checkpoint into out_dir, compare with it; -> the quantized manifest."""
+    warnings = job["warnings"]
+    rows, calib = calibration_set(tokenizer, job["calib_pool"], args.num_calib_samples, args.calib_max_seq_len)
+    if calib["used"] < calib["requested"]:
+        warnings.append(f"calibrated on {calib['used']} of {calib['requested']} requested conversations "
+                        f"({calib['skipped_too_long']} longer than {args.calib_max_seq_len} tokens skipped)")
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
+    quant = quantize(merged_dir, out_dir, args.quant_method, rows, args.group_size, args.calib_max_seq_len)
+    quant["calibration"] = {**calib, "source": str(job["calib_data"].resolve()), "seed": args.seed,
+                            "format": "chat template, prompt + assistant SQL, token ids"}
+    quality = compare_quantized(merged_dir, out_dir, tokenizer, job["eval_recs"], args.max_new_tokens)
+    quality["thresholds"] = {"max_rel_logit_error": args.max_rel_logit_error,
+                             "min_top1_agreement": args.min_top1_agreement}
+    quality["warnings"] = quality_warnings(quality, args.max_rel_logit_error, args.min_top1_agreement)
+    quality["ok"] = not quality["warnings"]
+    for w in quality["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return finish_dir(out_dir, {
+        "kind": "oracle_quantized_model", **job["common"], "merge": job["merge"],
+        "merged": {"path": str(Path(args.merged_out).resolve()),
+                   "files_tree_sha256": merged_manifest["files_tree_sha256"]},
+        "quantization": quant, "quality": quality, "warnings": warnings + quality["warnings"],
+        "finished_utc": now_utc()})
+
+
+def summary_rows(args, merged: dict, quant: dict | None, seconds: float) -> list[tuple[str, str]]:
+    mib, m, check = 1 << 20, merged["merge"], merged["merge"]["check"]
+    rows = [("base shards / largest", f"{m['shards']} / {m['largest_shard_bytes'] / mib:.1f} MiB"),
+            ("LoRA tensors merged", str(m["merged_tensors"])),
+            ("merge peak RSS (extra)", f"{m['peak_rss_extra_bytes'] / mib:.1f} MiB "
+                                       f"({m['peak_rss_over_largest_shard']:.2f}x largest shard)"),
+            ("merge check max |dlogit|", "skipped" if check["ok"] is None else
+             f"{check['max_abs_logit_diff']:.2e} (rounding floor {check['rounding_floor_max_abs_diff']:.2e})"),
+            ("merge check top-1 agreement", "skipped" if check["ok"] is None else f"{check['top1_agreement']:.4f}"),
+            ("merged", f"{args.merged_out} ({len(merged['files'])} files)")]
+    if quant:
+        q, cal, ql = quant["quantization"], quant["quantization"]["calibration"], quant["quality"]
+        rows += [("quantization", f"{q['method']}: {q['scheme']}"),
+                 ("calibration conversations", f"{cal['used']} / {cal['requested']} (<= {cal['max_seq_len']} tokens)"),
+                 ("rel. logit error (mean)", f"{ql['rel_logit_error_mean']:.4f}"),
+                 ("top-1 agreement", f"{ql['top1_agreement']:.4f}"),
+                 ("greedy outputs identical", f"{ql['greedy_identical']:.0%} of {ql['prompts']}"),
+                 ("quantized", f"{args.quant_out} ({len(quant['files'])} files)")]
+    return rows + [("warnings", str(len((quant or merged)["warnings"]))), ("elapsed", f"{seconds:.1f} s")]
+
+
+def package(args) -> int:
+    t0 = time.perf_counter()
+    job = preflight(args)
+    for w in job["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(job["base_dir"])
+    quant = None
+    # Nested: the quantized dir is renamed into place first, then the merged one; a failure anywhere leaves neither.
+    with atomic_dir(args.merged_out, args.force) as merged_tmp:
+        merged = merge_stage(args, job, merged_tmp, tokenizer)
+        if args.quant_method != "none":
+            with atomic_dir(args.quant_out, args.force) as quant_tmp:
+                quant = quant_stage(args, job, merged_tmp, merged, quant_tmp, tokenizer)
+    print_summary(summary_rows(args, merged, quant, time.perf_counter() - t0), "package")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["verify"]:
+            ap = argparse.ArgumentParser(prog="package_oracle_model.py verify",
+                                         description="Recompute the sha256 of every file of a packaged model dir "
+                                                     "against its oracle_manifest.json; exit 0 if all match, else "
+                                                     "name the first file that differs and exit 2.")
+            ap.add_argument("dir", help="merged_out or quant_out dir")
+            n = verify_dir(ap.parse_args(argv[1:]).dir)
+            print(f"verified {n} files")
+            return 0
+        if argv[:1] == ["bench-merge"]:
+            ap = argparse.ArgumentParser(prog="package_oracle_model.py bench-merge",
+                                         description="Peak RSS of the streaming merge vs the largest shard, on a "
+                                                     "synthetic Llama-shaped multi-shard checkpoint.")
+            ap.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
+            ap.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+            ap.add_argument("--intermediate", type=int, default=4096, help="MLP size (default 4096)")
+            ap.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+            ap.add_argument("--workdir", default=".cache/bench-merge", help="scratch dir (replaced)")
+            ap.add_argument("--out", help="also write the result JSON here")
+            a = ap.parse_args(argv[1:])
+            result = bench_merge(a.shards, a.workdir, a.hidden, a.intermediate, a.layers)
+            if a.out:
+                atomic_write_json(a.out, result)
+            mib = 1 << 20
+            print_summary([("shards", str(result["shards"])),
+                           ("largest shard", f"{result['largest_shard_bytes'] / mib:.1f} MiB"),
+                           ("peak RSS beyond start", f"{result['peak_rss_extra_bytes'] / mib:.1f} MiB"),
+                           ("ratio to largest shard", f"{result['peak_rss_over_largest_shard']:.3f}"),
+                           ("within 2x budget", str(result["within_budget"])),
+                           ("throughput", f"{result['throughput_MBps']} MB/s")], "bench-merge")
+            print(json.dumps(result))
+            return 0 if result["within_budget"] else 1
+        return package(parse_args(argv))
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

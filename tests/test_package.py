@@ -1,0 +1,379 @@
+"""Packaging: streaming LoRA merge vs PEFT (1 and many shards), refusals, verify; real GPTQ/AWQ, reload, manifest."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import PKG, ROOT
+import package_oracle_model as pkg
+from artifacts import sha256_file
+from prompting import chat_messages, template_sha256
+
+SCRIPT = PKG / "package_oracle_model.py"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_adapter(model, out: Path, base_dir: Path, r: int = 8, alpha: int = 16, seed: int = 0) -> Path:
+    """A real PEFT LoRA adapter on `model`, with a non-zero B scaled like a trained one, plus the training manifest
+    fields the packager reads (as sft_oracle_llama70b_lora.py writes them)."""
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)   # default init makes B @ A as large as W itself; a trained update is much smaller
+    peft.save_pretrained(out)
+    (out / "training_manifest.json").write_text(json.dumps({
+        "stage": "lora_sft", "base_model": str(base_dir), "base_config_sha256": sha256_file(base_dir / "config.json"),
+        "data_path": None, "data_sha256": None, "dataset_id": None, "dataset_manifest_sha256": None,
+        "prompt_template_sha256": template_sha256()}))
+    return out
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+def tensors(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    """A small dataset in the builder's format: conversations + question/context/sql, holdout, manifest."""
+    raw = [json.loads(line) for line in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()
+           if line.strip()][:28]
+    recs = [{"id": r["id"], "conversations": chat_messages(r["question"], r["context"], answer_sql=r["sql"]),
+             "sql_type": "oracle", "question": r["question"], "sql": r["sql"], "context": r["context"]} for r in raw]
+    d = tmp_path_factory.mktemp("data")
+    (d / "sft.json").write_text(json.dumps(recs[:22]))
+    (d / "holdout.json").write_text(json.dumps(recs[22:]))
+    (d / "sft.manifest.json").write_text(json.dumps({"dataset_id": "test_ds_v1", "holdout_out": str(d / "holdout.json"),
+                                                     "prompt_template_sha256": template_sha256()}))
+    return d / "sft.json"
+
+
+@pytest.fixture(scope="module")
+def merged_none(tiny_model_dir, adapter, sft_data, tmp_path_factory) -> Path:
+    """The CLI with --quant_method none: streaming merge, PEFT merge check, manifest."""
+    out = tmp_path_factory.mktemp("pkg") / "merged"
+    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", out,
+                "--quant_method", "none", "--calib_data", sft_data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+# ---- merge ------------------------------------------------------------------------------------------------------
+def test_merge_equals_peft_merge_and_unload(tiny_model_dir, adapter, tmp_path):
+    stats = pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m", progress=False)
+    assert stats["merged_tensors"] == 4 * 7 and stats["lora_scale"] == [2.0]
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+                                    adapter).merge_and_unload().state_dict()
+    base, got = tensors(tiny_model_dir), tensors(tmp_path / "m")
+    assert got.keys() == base.keys() == ref.keys()
+    changed = 0
+    for k, t in got.items():
+        assert t.dtype == torch.bfloat16 and t.shape == ref[k].shape
+        # PEFT rounds B@A to bf16 before adding, this merge rounds once: at most one bf16 step apart
+        ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(t.float().abs(), ref[k].float().abs())
+        assert ((t.float() - ref[k].float()).abs() <= ulp).all(), k
+        changed += not torch.equal(t, base[k])
+    assert changed == 28, "every LoRA target changed, nothing else"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        assert sha256_file(tmp_path / "m" / name) == sha256_file(tiny_model_dir / name), name
+    assert stats["merged_weight_sha256"]["model.safetensors"] == sha256_file(tmp_path / "m" / "model.safetensors")
+
+
+def test_multi_shard_merge_matches_single_shard(tiny_model_dir, adapter, tmp_path):
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(
+        sharded, max_shard_size="1MB")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(tiny_model_dir / name, sharded / name)   # same config bytes as the adapter's base
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+    stats = pkg.merge_lora_shards(sharded, adapter, tmp_path / "m", progress=False)
+    single = pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m1", progress=False)
+    assert stats["shards"] == len(shards) and stats["merged_tensors"] == single["merged_tensors"] == 28
+    assert stats["largest_shard_bytes"] == max(p.stat().st_size for p in shards)
+    got, want = tensors(tmp_path / "m"), tensors(tmp_path / "m1")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert sha256_file(tmp_path / "m" / "model.safetensors.index.json") == \
+        sha256_file(sharded / "model.safetensors.index.json")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert torch.equal(reloaded.model.layers[3].mlp.down_proj.weight, want["model.layers.3.mlp.down_proj.weight"])
+
+
+def test_merge_check_passes_and_catches_a_wrong_scale(tiny_model_dir, adapter, sft_data, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [pkg.chat_ids(tok, pkg.record_messages(r, with_answer=True))
+               for r in json.loads(sft_data.read_text())[:2]]
+    pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "good", progress=False)
+    good = pkg.merge_check(tiny_model_dir, adapter, tmp_path / "good", prompts, progress=False)
+    assert good["ok"], good
+    assert good["mean_abs_logit_diff"] < good["rounding_floor_mean_abs_diff"] < good["adapter_effect_mean_abs"]
+    wrong = tmp_path / "wrong_alpha"
+    shutil.copytree(adapter, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] * 1.5     # a 50% scale error (e.g. alpha/r vs alpha/sqrt(r) mix-ups)
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    pkg.merge_lora_shards(tiny_model_dir, wrong, tmp_path / "bad", progress=False)
+    bad = pkg.merge_check(tiny_model_dir, adapter, tmp_path / "bad", prompts, progress=False)
+    assert not bad["ok"], bad
+
+
+def test_bench_merge_peak_rss_within_two_shards(tmp_path):
+    result = pkg.bench_merge(4, tmp_path, hidden=1024, intermediate=4096, layers=4, vocab=8192)
+    assert result["shards"] >= 3 and result["peak_rss_method"].startswith("VmHWM")
+    assert result["within_budget"], result
+    assert result["peak_rss_extra_bytes"] <= 2 * result["largest_shard_bytes"]
+
+
+# ---- bad input: one line, exit 2, no output ----------------------------------------------------------------------
+def _other_shape(base, out):      # hidden 128 instead of 256
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.hidden_size, cfg.intermediate_size = 128, 256
+    save_adapter(AutoModelForCausalLM.from_config(cfg), out, base)
+
+
+def _more_layers(base, out):      # same widths, 6 layers: adapts layers the base does not have
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.num_hidden_layers = 6
+    save_adapter(AutoModelForCausalLM.from_config(cfg), out, base)
+
+
+def _other_base_config(base, out):  # right shapes, but trained on a base with another config.json
+    save_adapter(AutoModelForCausalLM.from_pretrained(base), out, base)
+    tm = json.loads((out / "training_manifest.json").read_text())
+    tm["base_config_sha256"] = "0" * 64
+    (out / "training_manifest.json").write_text(json.dumps(tm))
+
+
+def _dora(base, out):
+    save_adapter(AutoModelForCausalLM.from_pretrained(base), out, base)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _no_weights(base, out):
+    save_adapter(AutoModelForCausalLM.from_pretrained(base), out, base)
+    (out / "adapter_model.safetensors").unlink()
+
+
+def _rank_mismatch(base, out):
+    save_adapter(AutoModelForCausalLM.from_pretrained(base), out, base)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("make, message", [
+    (_other_shape, r"does not match the base model: \S+ is \[\d+, \d+\] in the base but the LoRA update is "),
+    (_more_layers, "does not match the base model: it adapts model.layers.4"),
+    (_other_base_config, "does not match the base model: .*config.json has sha256"),
+    (_dora, "DoRA is not supported"),
+    (_no_weights, "adapter weights missing"),
+    (_rank_mismatch, "inconsistent with r=16"),
+])
+def test_bad_adapter_refused_without_output(tiny_model_dir, sft_data, tmp_path, make, message):
+    make(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "out"
+    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", tmp_path / "adapter", "--merged_out",
+                out / "merged", "--quant_out", out / "quant", "--calib_data", sft_data)
+    assert re.search(message, one_error_line(r)), r.stderr
+    assert not out.exists() or not any(out.iterdir()), "no output, not even a partial dir"
+
+
+def test_existing_output_refused_without_force(tiny_model_dir, adapter, sft_data, tmp_path):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("earlier package")
+    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", tmp_path / "merged",
+                "--quant_out", tmp_path / "quant", "--calib_data", sft_data)
+    assert "exists and is not empty" in one_error_line(r) and "--force" in r.stderr
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "earlier package"
+    assert not (tmp_path / "quant").exists()
+
+
+@pytest.mark.parametrize("flag, where", [("--merged_out", "inside"), ("--quant_out", "same")])
+def test_output_overlapping_an_input_refused(tiny_model_dir, adapter, sft_data, tmp_path, flag, where):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    target = base / "merged" if where == "inside" else adapter
+    outs = {"--merged_out": tmp_path / "m", "--quant_out": tmp_path / "q", flag: target}
+    r = run_cli("--base_model", base, "--lora_adapter", adapter, *[x for kv in outs.items() for x in kv],
+                "--calib_data", sft_data, "--force")
+    assert "overlaps an input directory" in one_error_line(r)
+    assert sha256_file(base / "model.safetensors") == sha256_file(tiny_model_dir / "model.safetensors")
+
+
+def test_disk_space_checked_before_writing(tmp_path):
+    with pytest.raises(pkg.StageError, match="not enough disk space"):
+        pkg.check_free_space({tmp_path / "not" / "yet": 1 << 60})
+    pkg.check_free_space({tmp_path: 1})
+
+
+@pytest.mark.parametrize("config, group, ok", [
+    ({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "head_dim": 64}, 128, True),
+    ({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "head_dim": 64}, 96, False),
+    ({"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64}, 128, True),   # Llama-3.3-70B
+    ({"hidden_size": 8192, "intermediate_size": 29568, "num_attention_heads": 64}, 128, True),   # Qwen2.5-72B
+    ({"hidden_size": 8192, "intermediate_size": 29568, "num_attention_heads": 64}, 256, False),  # 29568 = 115.5*256
+])
+def test_group_size_must_divide_every_linear_input(config, group, ok):
+    if ok:
+        pkg.check_group_size(config, group)
+    else:
+        with pytest.raises(pkg.StageError, match="does not divide"):
+            pkg.check_group_size(config, group)
+
+
+def test_calibration_skips_long_conversations_never_truncates(tiny_model_dir, sft_data):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = json.loads(sft_data.read_text())
+    lengths = sorted(len(pkg.chat_ids(tok, r["conversations"])) for r in records)
+    limit = lengths[len(lengths) // 2]
+    rows, stats = pkg.calibration_set(tok, records, n=100, max_len=limit)
+    fitting = sum(n <= limit for n in lengths)
+    assert stats["used"] == len(rows) == fitting and stats["skipped_too_long"] == len(records) - fitting
+    full = {tuple(pkg.chat_ids(tok, r["conversations"])) for r in records}
+    assert all(tuple(row) in full for row in rows), "rows are whole conversations"
+    assert all(row.count(tok.bos_token_id) == 1 and row[0] == tok.bos_token_id for row in rows)
+    with pytest.raises(pkg.StageError, match="no calibration conversation fits"):
+        pkg.calibration_set(tok, records, n=4, max_len=lengths[0] - 1)
+
+
+# ---- --quant_method none: merge + check + manifest + verify ------------------------------------------------------
+def test_merged_manifest_records_inputs_and_check(merged_none, tiny_model_dir, adapter, sft_data):
+    m = json.loads((merged_none / pkg.MANIFEST).read_text())
+    assert m["kind"] == "oracle_merged_model"
+    assert m["base_model"]["weights_sha256"] == {"model.safetensors": sha256_file(tiny_model_dir / "model.safetensors")}
+    assert m["adapter"]["adapter_model_sha256"] == sha256_file(adapter / "adapter_model.safetensors")
+    assert m["dataset"]["dataset_id"] == "test_ds_v1" and m["dataset"]["eval_source"] == "holdout"
+    assert m["dataset"]["dataset_manifest_sha256"] == sha256_file(sft_data.parent / "sft.manifest.json")
+    assert m["dataset"]["prompt_template_sha256"] == template_sha256()
+    check = m["merge"]["check"]
+    assert check["ok"] and check["prompts"] == 4 and check["top1_disagreements_where_decidable"] == 0
+    assert set(m["files"]) == {p.name for p in merged_none.iterdir()} - {pkg.MANIFEST}
+    assert m["versions"]["peft"] != "not installed" and m["started_utc"] <= m["finished_utc"]
+
+
+def flip_middle_byte(d: Path) -> None:
+    with (d / "model.safetensors").open("r+b") as f:
+        f.seek(f.seek(0, 2) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (flip_middle_byte, "model.safetensors differs"),
+    (lambda d: (d / "tokenizer_config.json").unlink(), "tokenizer_config.json is missing"),
+    (lambda d: (d / "extra.bin").write_bytes(b"x"), "extra.bin is not in the manifest"),
+])
+def test_verify_passes_then_names_the_damaged_file(merged_none, tmp_path, damage, named):
+    copy = tmp_path / "copy"
+    shutil.copytree(merged_none, copy)
+    r = run_cli("verify", copy)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    damage(copy)
+    r = run_cli("verify", copy)
+    assert named in one_error_line(r)
+
+
+# ---- real quantization (slow) -------------------------------------------------------------------------------------
+def greedy(model_dir: Path, messages, n=24) -> str:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, temperature=None, top_p=None,
+                             pad_token_id=tok.eos_token_id)
+    assert out.shape[1] > ids.shape[1]
+    return tok.decode(out[0, ids.shape[1]:])
+
+
+def assert_w4a16_checkpoint(quant: Path, group: int = 128) -> None:
+    cfg = json.loads((quant / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    w = cfg["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["strategy"], w["group_size"], w["symmetric"]) == (4, "group", group, True)
+    assert cfg["ignore"] == ["lm_head"]
+    t = tensors(quant)
+    assert t["lm_head.weight"].dtype == torch.bfloat16 and t["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in t and "model.layers.0.self_attn.q_proj.weight" not in t
+
+
+@pytest.mark.slow
+def test_gptq_end_to_end_reloads_and_generates(tiny_model_dir, adapter, sft_data, tmp_path):
+    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", tmp_path / "merged",
+                "--quant_out", tmp_path / "quant", "--quant_method", "gptq", "--calib_data", sft_data,
+                "--num_calib_samples", 16, "--calib_max_seq_len", 2048, "--num_eval_prompts", 4)
+    assert r.returncode == 0, r.stderr[-4000:]
+    quant = tmp_path / "quant"
+    assert_w4a16_checkpoint(quant)
+    m = json.loads((quant / pkg.MANIFEST).read_text())
+    q = m["quantization"]
+    assert q["method"] == "gptq" and "GPTQModifier" in q["recipe_yaml"] and q["cpu_workarounds"] == []
+    assert q["calibration"]["used"] == 16 and q["calibration"]["tokens"]["max"] <= 2048
+    assert m["quality"]["prompts"] == 4 and 0 <= m["quality"]["top1_agreement"] <= 1
+    assert m["merged"]["files_tree_sha256"] == json.loads((tmp_path / "merged" / pkg.MANIFEST).read_text())[
+        "files_tree_sha256"]
+    assert run_cli("verify", quant).returncode == 0
+    holdout = json.loads((sft_data.parent / "holdout.json").read_text())[0]
+    greedy(quant, chat_messages(holdout["question"], holdout["context"]))
+
+
+@pytest.mark.slow
+def test_packaged_demo_model_manifest_and_reload(packaged_model, demo_dataset, trained_adapter, tiny_model_dir):
+    """`make package` (AWQ, 64 calibration conversations <= 1024 tokens) on the adapter `make train` produced."""
+    quant, merged = packaged_model["quant"], packaged_model["merged"]
+    for d in (quant, merged):
+        r = run_cli("verify", d)
+        assert r.returncode == 0, r.stderr
+    assert_w4a16_checkpoint(quant)
+    m = json.loads((quant / pkg.MANIFEST).read_text())
+    assert m["base_model"]["weights_sha256"]["model.safetensors"] == sha256_file(tiny_model_dir / "model.safetensors")
+    assert m["adapter"]["adapter_model_sha256"] == sha256_file(trained_adapter / "adapter_model.safetensors")
+    ds = m["dataset"]
+    assert ds["dataset_id"] == "ebs_demo_v1" and ds["eval_source"] == "holdout"
+    assert ds["dataset_manifest_sha256"] == sha256_file(demo_dataset["manifest"])
+    assert ds["prompt_template_sha256"] == template_sha256() == m["adapter"]["trained"]["prompt_template_sha256"]
+    assert ds["calib_data_sha256"] == ds["training_data_sha256"]
+    assert m["merge"]["check"]["ok"] and m["base_identity"]["matches"]
+    q = m["quantization"]
+    assert q["method"] == "awq" and "AWQModifier" in q["recipe_yaml"] and "QuantizationModifier" in q["recipe_yaml"]
+    assert q["cpu_workarounds"], "the pin_memory workaround is applied (and recorded) on a CPU-only host"
+    cal = q["calibration"]
+    assert cal["max_seq_len"] == 1024 and cal["tokens"]["max"] <= 1024 and 0 < cal["used"] <= 64
+    assert m["quality"]["prompts"] > 0 and m["quality"]["top1_agreement"] > 0.5
+    assert not [w for w in m["warnings"] if "differs" in w or "changed" in w], m["warnings"]
+    holdout = json.loads(demo_dataset["holdout"].read_text())[0]
+    text = greedy(quant, chat_messages(holdout["question"], holdout["context"]), n=48)
+    assert text.strip()
