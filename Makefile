@@ -73,8 +73,13 @@ $(SERVE_VENV)/.installed: $(PKG)/inference/requirements-serve.txt
 
 # ---- tiny LLaMA fixture (stand-in for LLaMA-3.3-70B-Instruct) --------------------------------------------------
 tiny: $(TINY)/config.json
-$(TINY)/config.json: $(VENV)/.installed $(PKG)/demo/make_tiny_llama.py $(PKG)/demo/ebs_schema.json $(PKG)/demo/llama3_chat_template.jinja
-	$(PY) $(PKG)/demo/make_tiny_llama.py --out $(TINY) --force
+# The fixture's LM corpus has the SQL text of the demo TRAIN split: same split settings as `make dataset`.
+HOLDOUT_FRACTION ?= 0.1
+SPLIT_SEED ?= 0
+$(TINY)/config.json: $(VENV)/.installed $(PKG)/demo/make_tiny_llama.py $(PKG)/demo/ebs_schema.json \
+    $(PKG)/demo/llama3_chat_template.jinja $(PKG)/demo/raw_questions.jsonl
+	$(PY) $(PKG)/demo/make_tiny_llama.py --out $(TINY) --holdout_fraction $(HOLDOUT_FRACTION) \
+	  --split_seed $(SPLIT_SEED) --force
 
 # ---- stage 1: dataset ------------------------------------------------------------------------------------------
 dataset: $(SFT)
@@ -82,7 +87,7 @@ $(SFT): $(TINY)/config.json $(PKG)/demo/raw_questions.jsonl $(PKG)/demo/ebs_cata
 	$(PY) $(PKG)/build_oracle_sft_dataset.py --input_raw $(PKG)/demo/raw_questions.jsonl --output_sft $(SFT) \
 	  --dataset_id ebs_demo_v1 --catalog $(PKG)/demo/ebs_catalog.json --catalog_out $(CATALOG) \
 	  --tokenizer $(BASE_MODEL) --model_max_length 2048 --max_output_tokens 512 \
-	  --holdout_fraction 0.1 --holdout_out $(HOLDOUT) --seed 0 --force
+	  --holdout_fraction $(HOLDOUT_FRACTION) --holdout_out $(HOLDOUT) --seed $(SPLIT_SEED) --force
 
 # ---- stage 2: LoRA SFT, DeepSpeed ZeRO-3 via accelerate ---------------------------------------------------------
 # On a GPU node: make train ACCEL_CONFIG=$(PKG)/config/accelerate_zero3_8gpu.yaml BASE_MODEL=/models/Llama-3.3-70B-Instruct
@@ -93,7 +98,7 @@ DS_JSON := $(if $(XIYAN_ROOT),$(XIYAN_ROOT)/train/config/dp_zero3.json,$(PKG)/co
 MAX_LEN ?= 2048
 # Tiny-model demo settings: a high LR and several epochs so 3.5M parameters memorize the demo SQL; no activation
 # checkpointing (tiny activations; on CPU it would only cost a third more compute).
-TRAIN_ARGS ?= --num_train_epochs 20 --learning_rate 5e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
+TRAIN_ARGS ?= --num_train_epochs 12 --learning_rate 5e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
   --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
 train: $(ADAPTER)/adapter_model.safetensors
 $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py

@@ -74,7 +74,7 @@ from prompting import chat_messages, template_sha256  # noqa: E402
 MANIFEST = "oracle_manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 COPY_BLOCK = 4 << 20            # bytes per read/write when copying untouched tensors
-MERGE_BLOCK_ELEMS = 4 << 20     # fp32 elements per row block of W + s * B @ A (bounds the temporaries to ~48 MB)
+MERGE_BLOCK_ELEMS = 4 << 20     # fp32 elements per row block of W + s * B @ A (a reused 16 MB buffer)
 # Files copied unchanged from the base: configs, tokenizer, chat template, index, licence/readme.
 SUPPORT_SUFFIXES = {".json", ".jinja", ".txt", ".model", ".tiktoken", ".md"}
 SUPPORT_PREFIXES = ("LICENSE", "USE_POLICY", "NOTICE", "README")
@@ -92,6 +92,17 @@ LIBRARIES = ("torch", "transformers", "peft", "safetensors", "llmcompressor", "c
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path, missing_ok: bool = False):
+    """Parsed JSON, {} for a missing optional file, StageError for anything unreadable."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageError(f"cannot read {path}: {e}")
 
 
 # ---- safetensors, read and written as a byte stream --------------------------------------------------------------
@@ -164,10 +175,7 @@ def lora_plan(adapter_dir) -> tuple[dict[str, LoraTarget], dict]:
         raise StageError(f"not a LoRA adapter: {cfg_path} missing")
     if not weights.is_file():
         raise StageError(f"adapter weights missing: {weights} (only safetensors adapters are supported)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise StageError(f"{cfg_path} is not valid JSON: {e.msg}")
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise StageError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for flag, what in UNSUPPORTED_ADAPTER.items():
@@ -215,9 +223,9 @@ def weight_shards(base_dir) -> list[str]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise StageError(f"{index} is not a safetensors index: {e}")
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError) as e:
+            raise StageError(f"{index} is not a safetensors index: no weight_map ({e})")
     else:
         shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
     if not shards:
@@ -265,8 +273,7 @@ def check_adapter_fits(plan: dict[str, LoraTarget], base_dir, shards: list[str])
 
 def check_base_identity(adapter_dir, base_dir, allow_mismatch: bool) -> dict:
     """Compare the base's config.json with the one recorded when the adapter was trained."""
-    tm_path = Path(adapter_dir) / "training_manifest.json"
-    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    tm = read_json(Path(adapter_dir) / "training_manifest.json", missing_ok=True)
     now = sha256_file(Path(base_dir) / "config.json")
     trained = tm.get("base_config_sha256")
     info = {"base_config_sha256": now, "trained_base_config_sha256": trained,
@@ -620,9 +627,12 @@ def cpu_workarounds() -> list[str]:
 
 def check_group_size(config: dict, group_size: int) -> None:
     """Every quantized Linear's input width must be a multiple of the group size."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    widths = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
-              "num_attention_heads*head_dim": config["num_attention_heads"] * head_dim}
+    try:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        widths = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"],
+                  "num_attention_heads*head_dim": config["num_attention_heads"] * head_dim}
+    except KeyError as e:
+        raise StageError(f"config.json has no {e}: not a Llama-style decoder, cannot check --group_size")
     bad = {k: v for k, v in widths.items() if v % group_size}
     if group_size <= 0 or bad:
         raise StageError(f"--group_size {group_size} does not divide {bad or widths} (Linear input widths)")
@@ -766,8 +776,7 @@ def input_summary(base_dir, adapter_dir, stats: dict) -> tuple[dict, dict]:
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     base_files = {**stats["base_weight_sha256"], **{n: sha256_file(base_dir / n) for n in stats["copied_files"]}}
     adapter_files = {p.name: sha256_file(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()}
-    tm_path = adapter_dir / "training_manifest.json"
-    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    tm = read_json(adapter_dir / "training_manifest.json", missing_ok=True)
     base = {"path": str(base_dir.resolve()), "config_sha256": base_files["config.json"],
             "weights_sha256": stats["base_weight_sha256"], "tree_sha256": tree_sha256(base_files),
             "files_hashed": sorted(base_files)}
@@ -785,10 +794,9 @@ def input_summary(base_dir, adapter_dir, stats: dict) -> tuple[dict, dict]:
 
 def dataset_summary(adapter_dir, calib_data: Path, eval_data: Path | None) -> tuple[dict, list[str], list | None]:
     """Dataset provenance (adapter's training manifest + the dataset manifest beside the calibration data)."""
-    tm_path = Path(adapter_dir) / "training_manifest.json"
-    tm = json.loads(tm_path.read_text()) if tm_path.is_file() else {}
+    tm = read_json(Path(adapter_dir) / "training_manifest.json", missing_ok=True)
     dm_path = Path(calib_data.with_suffix("").as_posix() + ".manifest.json")
-    dm = json.loads(dm_path.read_text()) if dm_path.is_file() else {}
+    dm = read_json(dm_path, missing_ok=True)
     warnings = []
     holdout = None
     if eval_data is None and dm.get("holdout_out"):
@@ -967,8 +975,7 @@ def preflight(args) -> dict:
     base_dir, adapter_dir = Path(args.base_model), Path(args.lora_adapter)
     calib_data = args.calib_data
     if calib_data is None:
-        tm_path = adapter_dir / "training_manifest.json"
-        calib_data = json.loads(tm_path.read_text()).get("data_path") if tm_path.is_file() else None
+        calib_data = read_json(adapter_dir / "training_manifest.json", missing_ok=True).get("data_path")
         if not calib_data:
             raise StageError("--calib_data not given and the adapter's training_manifest.json names no data_path")
     calib_data = Path(calib_data)
@@ -977,7 +984,7 @@ def preflight(args) -> dict:
     shards = weight_shards(base_dir)
     check_adapter_fits(lora_plan(adapter_dir)[0], base_dir, shards)
     if args.quant_method != "none":
-        check_group_size(json.loads((base_dir / "config.json").read_text()), args.group_size)
+        check_group_size(read_json(base_dir / "config.json"), args.group_size)
     dataset, warnings, holdout = dataset_summary(adapter_dir, calib_data,
                                                  Path(args.eval_data) if args.eval_data else None)
     weights = sum((base_dir / s).stat().st_size for s in shards)

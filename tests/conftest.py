@@ -10,7 +10,7 @@ pytest_plugins = ["serving"]
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "custom_oracle_llama"
-sys.path[:0] = [str(PKG), str(PKG / "inference")]
+sys.path[:0] = [str(PKG), str(PKG / "inference"), str(PKG / "demo")]
 CACHE = ROOT / ".cache"
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "HF_HOME": str(CACHE / "hf"), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),

@@ -51,7 +51,7 @@ def vllm_server(model_dir, log_path, config=CPU_YAML, extra_args=("--enforce-eag
     except StageError as e:
         pytest.fail(str(e))
     try:
-        yield info
+        yield {**info, "api_key": run_env.get("VLLM_API_KEY")}
     finally:
         server.__exit__(None, None, None)
 

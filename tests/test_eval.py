@@ -249,13 +249,14 @@ def test_percentile_is_nearest_rank():
 
 # ------------------------------------------------------------------------------------------ live (real vLLM)
 @pytest.mark.slow
-def test_live_tiny_model_all_outputs(vllm_tiny, tmp_path):
+def test_live_tiny_model_all_outputs(vllm_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_TEST_API_KEY", vllm_tiny["api_key"] or "")
     data = tmp_path / "eval.json"
     data.write_text(json.dumps(eval_set(RAW[:4])))
     out = tmp_path / "out"
     r = run_cli("--eval_data", data, "--catalog", CATALOG_PATH, "--base_url", vllm_tiny["base_url"],
                 "--model", vllm_tiny["model"], "--limit", "4", "--concurrency", "4", "--max_tokens", "64",
-                "--out_dir", out, timeout=900)
+                "--api_key_env", "EVAL_TEST_API_KEY", "--out_dir", out, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout)
     report = json.loads((out / "report.json").read_text())

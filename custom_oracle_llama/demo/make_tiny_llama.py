@@ -3,8 +3,10 @@
 Same tokenizer *shape* as Meta's (byte-level BPE, Llama-3 pre-tokenizer regex, the real special tokens at the
 end of the vocabulary, a post-processor that adds <|begin_of_text|>, the Llama-3.3-Instruct chat template) and the
 same architecture (LlamaForCausalLM with GQA, untied lm_head, bf16 weights), only small: every stage of the
-70B pipeline runs on it unchanged. It is briefly pre-trained on schema-derived EBS text and SQL (never on the demo
-question/SQL pairs, so the LoRA stage has something real to learn and the holdout stays unseen).
+70B pipeline runs on it unchanged. It is briefly pre-trained as a plain language model on schema-derived EBS text,
+template-made SQL and the SQL text of the demo TRAINING records (the same hash split as the dataset builder, so
+holdout SQL is never seen). It never sees a question paired with its SQL: mapping questions to SQL is what the LoRA
+stage has to learn, the way Llama-3.3 knows SQL but not your EBS questions.
 
     python custom_oracle_llama/demo/make_tiny_llama.py --out .cache/tiny-llama
 """
@@ -158,6 +160,23 @@ def synthetic_pairs(schema: dict, n: int, seed: int) -> list[tuple[str, dict, st
     return out
 
 
+def training_sql(raw_path: Path, holdout_fraction: float, seed: int) -> list[str]:
+    """SQL text of the demo records the dataset builder will put in the TRAIN split (same function, same seed)."""
+    sys.path.insert(0, str(HERE.parent / "inference"))
+    from build_oracle_sft_dataset import holdout_bucket
+    from sql_guardrail import normalized_sql
+
+    out = []
+    for line in raw_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        sql = rec.get("sql") or rec.get("sql_gold")
+        side = rec.get("split") or ("holdout" if holdout_bucket(normalized_sql(sql), seed) < holdout_fraction
+                                    else "train")
+        if side == "train":
+            out.append(sql)
+    return out
+
+
 def train_tokenizer(corpus: list[str], vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -215,6 +234,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output model directory (created atomically)")
     ap.add_argument("--schema", default=str(HERE / "ebs_schema.json"), help="EBS schema JSON the corpus is made from")
+    ap.add_argument("--demo_raw", default=str(HERE / "raw_questions.jsonl"),
+                    help="demo raw records: the SQL text of their train split joins the pre-training corpus")
+    ap.add_argument("--holdout_fraction", type=float, default=0.1,
+                    help="must equal the dataset builder's --holdout_fraction (holdout SQL stays unseen)")
+    ap.add_argument("--split_seed", type=int, default=0, help="must equal the dataset builder's --seed")
     ap.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary incl. 256 special tokens")
     ap.add_argument("--pretrain_steps", type=int, default=400, help="causal-LM steps on the schema corpus (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
@@ -229,6 +253,8 @@ def main(argv=None):
             raise StageError(f"schema not found: {schema_path}")
         schema = json.loads(schema_path.read_text(encoding="utf-8"))
         corpus = schema_corpus(schema, args.seed)
+        demo_sql = training_sql(Path(args.demo_raw), args.holdout_fraction, args.split_seed) if args.demo_raw else []
+        corpus += demo_sql * 4
         tokenizer = train_tokenizer(corpus, args.vocab_size)
         bos, eot, eot_text = (tokenizer.convert_tokens_to_ids(t)
                               for t in ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"))
@@ -248,6 +274,9 @@ def main(argv=None):
             (tmp / "tiny_fixture.json").write_text(json.dumps({
                 "purpose": "tiny LLaMA-3 stand-in for LLaMA-3.3-70B-Instruct (tests and demo only)",
                 "schema_sha256": sha256_file(schema_path), "seed": args.seed, "vocab_size": len(tokenizer),
+                "demo_raw_sha256": sha256_file(args.demo_raw) if args.demo_raw else None,
+                "demo_train_sql_in_corpus": len(demo_sql), "holdout_fraction": args.holdout_fraction,
+                "split_seed": args.split_seed,
                 "pretrain_steps": args.pretrain_steps,
                 "pretrain_loss_first_last": [losses[0], losses[-1]] if losses else None,
                 "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")

@@ -10,6 +10,7 @@ Exit 1 when the learned-model check fails.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,14 @@ GUARD = PKG / "inference" / "sql_guardrail.py"
 EVAL = PKG / "eval_oracle_nl2sql.py"
 
 
+# vLLM reads VLLM_API_KEY itself; the clients are told which variable holds it (never the key on a command line)
+KEY_ENV = "VLLM_API_KEY" if os.environ.get("VLLM_API_KEY") else None
+
+
 def run_eval(srv: dict, data: Path, catalog: Path, out_dir: Path, *extra: str) -> dict:
+    key = ["--api_key_env", KEY_ENV] if KEY_ENV else []
     r = subprocess.run([sys.executable, str(EVAL), "--eval_data", str(data), "--base_url", srv["base_url"],
-                        "--model", srv["model"], "--catalog", str(catalog), "--out_dir", str(out_dir), *extra],
+                        "--model", srv["model"], "--catalog", str(catalog), "--out_dir", str(out_dir), *key, *extra],
                        capture_output=True, text=True)
     if r.returncode == 2:
         raise StageError(f"eval failed on {data}: {r.stderr.strip().splitlines()[-1]}")
@@ -39,7 +45,7 @@ def ask(srv: dict, record: dict, catalog: Path, tmp: Path) -> dict:
     context.write_text(json.dumps(record["context"]))
     r = subprocess.run([sys.executable, str(GUARD), "ask", "--base-url", f"{srv['base_url']}/v1", "--model",
                         srv["model"], "--question", record["question"], "--context", str(context), "--catalog",
-                        str(catalog)], capture_output=True, text=True)
+                        str(catalog), *(["--api-key-env", KEY_ENV] if KEY_ENV else [])], capture_output=True, text=True)
     if r.returncode == 2:
         raise StageError(f"ask failed: {r.stderr.strip().splitlines()[-1]}")
     return json.loads(r.stdout.strip().splitlines()[0])

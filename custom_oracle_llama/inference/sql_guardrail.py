@@ -662,8 +662,12 @@ def _verdict(**kw):
 
 
 def normalized_sql(sql: str) -> str:
-    """One spelling per query (case, spacing, quoting): what exact-match and de-duplication compare."""
-    tree = normalize_identifiers(sqlglot.parse_one(sql, read=ORACLE), dialect=ORACLE)
+    """One spelling per query (case, spacing, quoting): what exact-match and de-duplication compare.
+    Text that does not parse keeps its own words (it can then only equal the same unparseable text)."""
+    try:
+        tree = normalize_identifiers(sqlglot.parse_one(sql, read=ORACLE), dialect=ORACLE)
+    except (ParseError, TokenError):
+        return " ".join(sql.split())
     return tree.sql(dialect=ORACLE)
 
 
