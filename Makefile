@@ -127,8 +127,10 @@ eval:
 	  --model oracle-ebs-sql --catalog $(CATALOG) --concurrency 4 --out_dir $(RUNS)/eval/holdout $(EVAL_ARGS)
 
 # ---- the whole pipeline on CPU with the tiny LLaMA -----------------------------------------------------------------
+# The learned-model gate: share of 10 training questions whose gold SQL the 4-bit model reproduces via vLLM.
+MIN_LEARNED ?= 0.8
 demo: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
-	$(PY) $(PKG)/demo/run_demo.py --runs $(RUNS) --config $(VLLM_CONFIG)
+	$(PY) $(PKG)/demo/run_demo.py --runs $(RUNS) --config $(VLLM_CONFIG) --min_learned $(MIN_LEARNED)
 
 bench: $(SFT) $(SERVE_VENV)/.installed
 	$(PY) $(PKG)/demo/bench.py --tiny_model $(TINY) --eval_data $(HOLDOUT) --out $(RUNS)/bench
