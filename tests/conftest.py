@@ -15,7 +15,7 @@ CACHE = ROOT / ".cache"
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "HF_HOME": str(CACHE / "hf"), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
                    "VLLM_CACHE_ROOT": str(CACHE / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor"),
-                   "TOKENIZERS_PARALLELISM": "false"}.items():
+                   "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}.items():
     os.environ.setdefault(key, value)
 SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
 
