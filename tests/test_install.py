@@ -89,7 +89,7 @@ def test_wheelhouse_then_offline_install(tmp_path):
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch, transformers, peft, deepspeed, "
                             "llmcompressor, sqlglot, duckdb, oracledb; print(torch.__version__)"],
                            capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0 and check.stdout.strip().startswith("2.13.0"), check.stderr[-2000:]
+    assert check.returncode == 0 and check.stdout.strip().splitlines()[-1].startswith("2.13.0"), check.stderr[-2000:]
     check = subprocess.run([str(serve / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
                            capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0 and check.stdout.strip().endswith("0.32.0"), check.stderr[-2000:]
+    assert check.returncode == 0 and check.stdout.strip().splitlines()[-1] == "0.32.0", check.stderr[-2000:]

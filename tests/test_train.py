@@ -179,7 +179,8 @@ def test_resume_continues_from_checkpoint(trained_adapter, tmp_path, demo_datase
     r = subprocess.run(["make", "-s", "train", f"RUNS={tmp_path}", f"SFT={demo_dataset['train']}",
                         f"ADAPTER={run}", f"TRAIN_ARGS=--resume True --max_steps {step + 2} --save_steps 1000 "
                         "--per_device_train_batch_size 4 --learning_rate 3e-3 --logging_steps 1",
-                        "-o", str(demo_dataset["train"]), "-W", str(PKG / "sft_oracle_llama70b_lora.py")],
+                        # -W: treat the entrypoint as changed so make re-runs the stage (path as the Makefile names it)
+                        "-o", str(demo_dataset["train"]), "-W", "custom_oracle_llama/sft_oracle_llama70b_lora.py"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((run / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
