@@ -134,8 +134,9 @@ MIN_LEARNED ?= 0.8
 demo: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
 	$(PY) $(PKG)/demo/run_demo.py --runs $(RUNS) --config $(VLLM_CONFIG) --min_learned $(MIN_LEARNED)
 
-bench: $(SFT) $(SERVE_VENV)/.installed
-	$(PY) $(PKG)/demo/bench.py --tiny_model $(TINY) --eval_data $(HOLDOUT) --out $(RUNS)/bench
+# the eval part serves the fine-tuned 4-bit package (whole-SQL answers, as in production), so bench builds it first
+bench: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
+	$(PY) $(PKG)/demo/bench.py --tiny_model $(TINY) --eval_model $(QUANT) --eval_data $(HOLDOUT) --out $(RUNS)/bench
 
 # ---- air-gapped install ----------------------------------------------------------------------------------------
 # On a connected machine: make wheelhouse WHEELHOUSE=/media/usb/wheels   (every pinned wheel of both environments,

@@ -57,6 +57,12 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def atomic_write_json_records(path, records: list) -> None:
+    """A JSON list with one record per line: still one JSON document (json.load reads it), greppable by line, and
+    written by the C encoder (indent=2 falls back to the pure-Python encoder: a third of the builder's time)."""
+    atomic_write_text(path, "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
+
+
 @contextmanager
 def atomic_dir(final, force: bool = False):
     """Yield a temp dir beside `final`; it becomes `final` only if the block completes."""

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "inference"))
 
-from artifacts import StageError, atomic_write_json, atomic_write_text, library_versions, sha256_file  # noqa: E402
+from artifacts import StageError, atomic_write_json, atomic_write_json_records, atomic_write_text, library_versions, sha256_file  # noqa: E402
 from prompting import chat_messages, template_sha256  # noqa: E402
 import sql_guardrail  # noqa: E402
 
@@ -298,9 +298,9 @@ def build(args) -> int:
         for r in recs:
             r.pop("_line")
     atomic_write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    atomic_write_json(out_path, splits["train"])
+    atomic_write_json_records(out_path, splits["train"])
     if args.holdout_out:
-        atomic_write_json(args.holdout_out, splits["holdout"])
+        atomic_write_json_records(args.holdout_out, splits["holdout"])
     seen_catalog = catalog if catalog is not None else catalog_from_contexts(splits["train"] + splits["holdout"])
     if args.catalog_out:
         atomic_write_json(args.catalog_out, seen_catalog)

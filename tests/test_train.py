@@ -67,6 +67,9 @@ def test_collator_pads_right_with_ignored_labels(tokenizer):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, pad, pad]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    wide = sft.PadCollator(pad, multiple=4)([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}])
+    assert wide["input_ids"].tolist() == [[1, 2, 3, 4, 5, pad, pad, pad]]
+    assert wide["labels"].tolist() == [[-100, 2, 3, 4, 5, -100, -100, -100]] and wide["attention_mask"].sum() == 5
 
 
 @pytest.mark.parametrize("bad, message", [

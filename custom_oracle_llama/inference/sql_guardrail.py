@@ -51,6 +51,7 @@ EXPLAIN credentials come from the environment only (ORACLE_GUARD_USER, ORACLE_GU
 """
 import argparse
 import fnmatch
+import functools
 import importlib.abc
 import importlib.machinery
 import json
@@ -609,16 +610,22 @@ def _strip_qualifiers(cond):
     return cond
 
 
+@functools.lru_cache(maxsize=1024)
+def _predicate_sql(predicate: str) -> str:
+    """A security predicate in comparable form (qualifiers dropped). Cached: a policy has a handful of predicates."""
+    try:
+        expected = normalize_identifiers(sqlglot.parse_one(predicate, read=ORACLE), dialect=ORACLE)
+    except (ParseError, TokenError) as e:
+        raise StageError(f"security filter predicate {predicate!r} does not parse: {_first_line(e)}") from None
+    return _strip_qualifiers(expected).sql(dialect=ORACLE)
+
+
 def _check_security_filters(tree, filters, catalog):
     reasons = []
     for f in filters or []:
         table, column = str(f.get("table", "")).upper(), str(f.get("column", "")).upper()
         predicate = str(f.get("predicate") or f"{column} IN (:org_ids)")
-        try:
-            expected = normalize_identifiers(sqlglot.parse_one(predicate, read=ORACLE), dialect=ORACLE)
-        except (ParseError, TokenError) as e:
-            raise StageError(f"security filter predicate {predicate!r} does not parse: {_first_line(e)}") from None
-        expected_sql = _strip_qualifiers(expected).sql(dialect=ORACLE)
+        expected_sql = _predicate_sql(predicate)
         for occ in tree.find_all(exp.Table):
             if not isinstance(occ.this, exp.Identifier) or _ident(occ.this) != table:
                 continue
