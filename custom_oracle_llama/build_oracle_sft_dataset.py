@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "inference"))
 
-from artifacts import StageError, atomic_write_json, atomic_write_json_records, atomic_write_text, library_versions, sha256_file  # noqa: E402
+from artifacts import (StageError, atomic_write_json, atomic_write_json_records, atomic_write_text,  # noqa: E402
+                       library_versions, sha256_file)
 from prompting import chat_messages, template_sha256  # noqa: E402
 import sql_guardrail  # noqa: E402
 

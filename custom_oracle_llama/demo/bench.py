@@ -161,8 +161,9 @@ def markdown(res: dict) -> str:
                      f"{m['largest_shard_bytes'] / 2**20:.0f} MiB = **{m['peak_rss_over_largest_shard']:.2f}x** "
                      f"({m['shards']} shards)", "<= 2x"))
     if e:
-        rows.append((f"eval throughput, concurrency 4 vs 1 (real vLLM, {e['model']}, {e['examples']} examples)", f"{e['c4_examples_per_s']:.2f} vs "
-                     f"{e['c1_examples_per_s']:.2f} examples/s = **{e['ratio']:.2f}x**", ">= 3x"))
+        rows.append((f"eval throughput, concurrency 4 vs 1 (real vLLM, {e['model']}, {e['examples']} examples)",
+                     f"{e['c4_examples_per_s']:.2f} vs {e['c1_examples_per_s']:.2f} examples/s = "
+                     f"**{e['ratio']:.2f}x**", ">= 3x"))
     if p:
         s, t = p["serve"], p["train"]
         rows.append(("70B serving plan, 1xA100-80GB (W4A16 g128)", f"weights {s['weights_bytes'] / 1e9:.1f} GB, KV "
