@@ -240,6 +240,8 @@ def main(argv=None):
                     help="must equal the dataset builder's --holdout_fraction (holdout SQL stays unseen)")
     ap.add_argument("--split_seed", type=int, default=0, help="must equal the dataset builder's --seed")
     ap.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary incl. 256 special tokens")
+    ap.add_argument("--sql_repeats", type=int, default=4,
+                    help="copies of each TRAIN-split SQL text in the LM corpus (text only, never the question)")
     ap.add_argument("--pretrain_steps", type=int, default=400, help="causal-LM steps on the schema corpus (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
@@ -254,7 +256,7 @@ def main(argv=None):
         schema = json.loads(schema_path.read_text(encoding="utf-8"))
         corpus = schema_corpus(schema, args.seed)
         demo_sql = training_sql(Path(args.demo_raw), args.holdout_fraction, args.split_seed) if args.demo_raw else []
-        corpus += demo_sql * 4
+        corpus += demo_sql * args.sql_repeats
         tokenizer = train_tokenizer(corpus, args.vocab_size)
         bos, eot, eot_text = (tokenizer.convert_tokens_to_ids(t)
                               for t in ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"))
@@ -275,7 +277,8 @@ def main(argv=None):
                 "purpose": "tiny LLaMA-3 stand-in for LLaMA-3.3-70B-Instruct (tests and demo only)",
                 "schema_sha256": sha256_file(schema_path), "seed": args.seed, "vocab_size": len(tokenizer),
                 "demo_raw_sha256": sha256_file(args.demo_raw) if args.demo_raw else None,
-                "demo_train_sql_in_corpus": len(demo_sql), "holdout_fraction": args.holdout_fraction,
+                "demo_train_sql_in_corpus": len(demo_sql), "sql_repeats": args.sql_repeats,
+                "holdout_fraction": args.holdout_fraction,
                 "split_seed": args.split_seed,
                 "pretrain_steps": args.pretrain_steps,
                 "pretrain_loss_first_last": [losses[0], losses[-1]] if losses else None,
