@@ -37,6 +37,17 @@ def tree_sha256(hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
 
 
+def read_json(path, missing_ok: bool = False):
+    """Parsed JSON, {} for a missing optional file, StageError for anything unreadable."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageError(f"cannot read {path}: {e}")
+
+
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

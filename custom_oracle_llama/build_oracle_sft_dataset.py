@@ -100,6 +100,11 @@ def holdout_bucket(key: str, seed: int) -> float:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16 ** 12
 
 
+def hashed_side(norm_sql: str, holdout_fraction: float, seed: int) -> str:
+    """The split of a record without an explicit one: decided by its normalized SQL, so rephrasings stay together."""
+    return "holdout" if holdout_bucket(norm_sql, seed) < holdout_fraction else "train"
+
+
 def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict) -> tuple[dict | None, dict | None]:
     """-> (accepted record, None) or (None, reject). Pure apart from sqlglot."""
     try:
@@ -131,8 +136,7 @@ def dedupe_and_split(records: list[dict], holdout_fraction: float, seed: int) ->
             rejects.append({"line": r["line"], "id": r["id"], "reason": "duplicate",
                             "detail": f"same question as line {seen_q[q]}"})
             continue
-        side = r["split"] or group_side.get(r["norm_sql"]) or (
-            "holdout" if holdout_bucket(r["norm_sql"], seed) < holdout_fraction else "train")
+        side = r["split"] or group_side.get(r["norm_sql"]) or hashed_side(r["norm_sql"], holdout_fraction, seed)
         if group_side.setdefault(r["norm_sql"], side) != side:
             rejects.append({"line": r["line"], "id": r["id"], "reason": "split_leak",
                             "detail": f"its SQL is already in the {group_side[r['norm_sql']]} split"})

@@ -67,8 +67,8 @@ sys.path.insert(0, str(HERE))
 # Passive waiting costs nothing measurable on an idle host. Must be set before torch loads; an explicit value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from artifacts import (StageError, atomic_dir, atomic_write_json, library_versions, sha256_file,  # noqa: E402
-                       tree_hashes, tree_sha256)
+from artifacts import (StageError, atomic_dir, atomic_write_json, library_versions, read_json,  # noqa: E402
+                       sha256_file, tree_hashes, tree_sha256)
 from prompting import chat_messages, template_sha256  # noqa: E402
 
 MANIFEST = "oracle_manifest.json"
@@ -92,17 +92,6 @@ LIBRARIES = ("torch", "transformers", "peft", "safetensors", "llmcompressor", "c
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_json(path, missing_ok: bool = False):
-    """Parsed JSON, {} for a missing optional file, StageError for anything unreadable."""
-    path = Path(path)
-    if missing_ok and not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StageError(f"cannot read {path}: {e}")
 
 
 # ---- safetensors, read and written as a byte stream --------------------------------------------------------------

@@ -163,15 +163,14 @@ def synthetic_pairs(schema: dict, n: int, seed: int) -> list[tuple[str, dict, st
 def training_sql(raw_path: Path, holdout_fraction: float, seed: int) -> list[str]:
     """SQL text of the demo records the dataset builder will put in the TRAIN split (same function, same seed)."""
     sys.path.insert(0, str(HERE.parent / "inference"))
-    from build_oracle_sft_dataset import holdout_bucket
+    from build_oracle_sft_dataset import hashed_side
     from sql_guardrail import normalized_sql
 
     out = []
     for line in raw_path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         sql = rec.get("sql") or rec.get("sql_gold")
-        side = rec.get("split") or ("holdout" if holdout_bucket(normalized_sql(sql), seed) < holdout_fraction
-                                    else "train")
+        side = rec.get("split") or hashed_side(normalized_sql(sql), holdout_fraction, seed)
         if side == "train":
             out.append(sql)
     return out
