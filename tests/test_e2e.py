@@ -33,14 +33,14 @@ def test_ask_retries_once_with_precise_reasons_against_live_server(vllm_tiny):
 
 @pytest.mark.slow
 def test_make_demo_serves_asks_and_reports(demo_runs, packaged_model):
-    """`make demo`'s serving half on this session's trained + packaged model. The learned-model gate (>= 8/10 exact)
-    is reported, not asserted (MIN_LEARNED=0): the CI-sized training run does not reach it (see the issue note)."""
-    r = subprocess.run(["make", "-s", "demo", f"RUNS={demo_runs}", "MIN_LEARNED=0"], cwd=ROOT, capture_output=True,
+    """`make demo`'s serving half on this session's trained + packaged model, with its learned-model gate: the
+    4-bit model served by vLLM reproduces >= 8/10 training SQL (else `make demo` exits 1)."""
+    r = subprocess.run(["make", "-s", "demo", f"RUNS={demo_runs}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((demo_runs / "demo" / "demo_summary.json").read_text())
     print(f"learned: 4-bit {summary['learned_quant']}/10, merged {summary['learned_merged']}/10")
-    assert 0 <= summary["learned_quant"] <= 10 and "Q: " in r.stdout
+    assert summary["learned_quant"] >= 8 and "Q: " in r.stdout
     for name in ("holdout", "train10-quant", "train10-merged"):
         d = demo_runs / "eval" / name
         assert (d / "report.json").exists() and (d / "report.md").exists()

@@ -143,9 +143,8 @@ def similarity(got: str, gold: str) -> float:
 
 @pytest.mark.slow
 def test_learned_gold_sql_by_greedy_decoding(trained_adapter, demo_dataset, tiny_model_dir):
-    """Greedy decoding of 10 training questions: the adapter must move the base much closer to the gold SQL.
-    The issue's target (>= 8/10 exact) is reported, not asserted: the CI-sized 12-epoch run on this tiny model
-    does not reach it (see the README and the issue note)."""
+    """Greedy decoding of 10 training questions: the fine-tuned model reproduces >= 8 gold SQL exactly, the base
+    (which has read the training SQL text, never a question paired with it) does not."""
     from peft import PeftModel
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -157,19 +156,21 @@ def test_learned_gold_sql_by_greedy_decoding(trained_adapter, demo_dataset, tiny
             ids = tok.apply_chat_template(rec["conversations"][:1], add_generation_prompt=True,
                                           return_tensors="pt", tokenize=True)["input_ids"]
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=160, do_sample=False, eos_token_id=tok.eos_token_id)
+                out = model.generate(ids, max_new_tokens=512, do_sample=False, eos_token_id=tok.eos_token_id)
             outs.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
         return outs
 
     before = greedy(base)
     after = greedy(PeftModel.from_pretrained(base, trained_adapter).eval())
     gold = [r["sql"] for r in records]
+    exact_before = sum(a == g for a, g in zip(before, gold))
     exact = sum(a == g for a, g in zip(after, gold))
     s_before = sum(map(similarity, before, gold)) / 10
     s_after = sum(map(similarity, after, gold)) / 10
-    print(f"greedy on 10 training questions: exact {exact}/10, similarity to gold {s_before:.2f} -> {s_after:.2f}")
-    # measured on this machine after the 12-epoch `make train`: 0.09 -> 0.51, exact 0/10
-    assert s_after >= s_before + 0.25 and s_after >= 0.35, (s_before, s_after, after[:3])
+    print(f"greedy on 10 training questions: exact {exact_before}/10 -> {exact}/10, "
+          f"similarity to gold {s_before:.2f} -> {s_after:.2f}")
+    assert exact >= 8, [(a, g) for a, g in zip(after, gold) if a != g]
+    assert exact_before <= 2, before
     assert all(a.startswith("SELECT") or a.startswith("WITH") for a in after)
 
 

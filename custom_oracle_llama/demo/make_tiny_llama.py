@@ -12,6 +12,7 @@ stage has to learn, the way Llama-3.3 knows SQL but not your EBS questions.
 """
 import argparse
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -214,6 +215,10 @@ def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int):
     stream = [i for seq in ids for i in seq]
     block, batch = 128, 16
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    # 5% warm-up, then cosine decay to zero: the low-LR tail is what makes the corpus stick.
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="pre-train tiny llama", unit="step", disable=None):
@@ -223,6 +228,7 @@ def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad()
         losses.append(loss.item())
     model.eval()
@@ -239,9 +245,9 @@ def main(argv=None):
                     help="must equal the dataset builder's --holdout_fraction (holdout SQL stays unseen)")
     ap.add_argument("--split_seed", type=int, default=0, help="must equal the dataset builder's --seed")
     ap.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary incl. 256 special tokens")
-    ap.add_argument("--sql_repeats", type=int, default=4,
+    ap.add_argument("--sql_repeats", type=int, default=12,
                     help="copies of each TRAIN-split SQL text in the LM corpus (text only, never the question)")
-    ap.add_argument("--pretrain_steps", type=int, default=400, help="causal-LM steps on the schema corpus (0 = none)")
+    ap.add_argument("--pretrain_steps", type=int, default=800, help="causal-LM steps on the schema corpus (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
     args = ap.parse_args(argv)
