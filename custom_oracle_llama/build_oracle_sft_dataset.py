@@ -15,6 +15,7 @@ import re
 import statistics
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -153,23 +154,32 @@ def sft_record(r: dict) -> dict:
             "tags": r["tags"]}
 
 
-def token_counts(tokenizer, sft: list[dict], batch: int = 256) -> list[tuple[int, int]]:
-    """(prompt+answer tokens, answer tokens) per record, exactly as apply_chat_template(tokenize=True) counts them.
+def chat_texts(tokenizer, sft: list[dict]) -> tuple[list[str], list[int]]:
+    """Rendered conversations and, per record, the character length of its prompt (the generation-prompt boundary)."""
+    full = [tokenizer.apply_chat_template(r["conversations"], tokenize=False) for r in sft]
+    prompt_chars = [len(tokenizer.apply_chat_template(r["conversations"][:1], tokenize=False,
+                                                      add_generation_prompt=True)) for r in sft]
+    return full, prompt_chars
 
-    One batched fast-tokenizer pass over the rendered conversation (no second BOS: the template already has it);
-    the prompt length comes from the offsets of the generation-prompt boundary instead of a second pass.
-    """
+
+def count_tokens(backend, full: list[str], prompt_chars: list[int]) -> list[tuple[int, int]]:
+    """(prompt+answer tokens, answer tokens) per rendered conversation, exactly as apply_chat_template(tokenize=True)
+    counts them: one batched pass of the Rust tokenizer (no second BOS: the template already has it); the prompt
+    length is the index of the token at the prompt/answer boundary instead of a second pass. All Rust, so it runs in
+    a thread beside the Python validation (the tokenizer releases the GIL)."""
     out = []
-    for i in range(0, len(sft), batch):
-        chunk = sft[i:i + batch]
-        full = [tokenizer.apply_chat_template(r["conversations"], tokenize=False) for r in chunk]
-        prompt_chars = [len(tokenizer.apply_chat_template(r["conversations"][:1], tokenize=False,
-                                                          add_generation_prompt=True)) for r in chunk]
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        for offsets, n_prompt_chars in zip(enc["offset_mapping"], prompt_chars):
-            n_prompt = sum(1 for start, _ in offsets if start < n_prompt_chars)
-            out.append((len(offsets), len(offsets) - n_prompt))
+    for enc, n_chars in zip(backend.encode_batch(full, add_special_tokens=False), prompt_chars):
+        idx = enc.char_to_token(n_chars)
+        # a token that straddles the boundary counts as prompt, like every token that starts before it
+        n_prompt = len(enc) if idx is None else idx + int(enc.token_to_chars(idx)[0] < n_chars)
+        out.append((len(enc), len(enc) - n_prompt))
     return out
+
+
+def token_counts(tokenizer, sft: list[dict], batch: int = 256) -> list[tuple[int, int]]:
+    """count_tokens over sft records, in batches (the same counts the build uses)."""
+    return [c for i in range(0, len(sft), batch)
+            for c in count_tokens(tokenizer.backend_tokenizer, *chat_texts(tokenizer, sft[i:i + batch]))]
 
 
 def apply_token_limits(sft, counts, model_max_length, max_output_tokens):
@@ -270,24 +280,39 @@ def build(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise StageError(f"cannot read {raw_path}: {e}")
 
-    accepted, rejects = [], []
-    for line_no, text in enumerate(tqdm(lines, desc="validate", unit="rec", disable=len(lines) < 2000), start=1):
-        if not text.strip():
-            rejects.append({"line": line_no, "reason": "empty_line", "detail": "blank line"})
-            continue
-        rec, rej = validate_record(line_no, text, catalog, policy)
-        (accepted.append(rec) if rec else rejects.append(rej))
+    accepted, rejects, counting, chunk = [], [], [], []
+    # Token counting overlaps validation: the Rust tokenizer counts chunk k in a thread while Python validates on.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for line_no, text in enumerate(tqdm(lines, desc="validate", unit="rec", disable=len(lines) < 2000), start=1):
+            if not text.strip():
+                rejects.append({"line": line_no, "reason": "empty_line", "detail": "blank line"})
+                continue
+            rec, rej = validate_record(line_no, text, catalog, policy)
+            if rej:
+                rejects.append(rej)
+                continue
+            rec["sft"] = sft_record(rec)
+            accepted.append(rec)
+            chunk.append(rec["sft"])
+            if tokenizer is not None and len(chunk) == 256:
+                counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, chunk)))
+                chunk = []
+        if tokenizer is not None and chunk:
+            counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, chunk)))
+        counts = [c for f in counting for c in f.result()]
+    for rec, c in zip(accepted, counts):
+        rec["counts"] = c
     train, holdout, split_rejects = dedupe_and_split(accepted, args.holdout_fraction, args.seed)
     rejects += split_rejects
     if holdout and not args.holdout_out:
         raise StageError(f"{len(holdout)} records are in the holdout split: pass --holdout_out")
 
-    splits = {"train": [{**sft_record(r), "_line": r["line"]} for r in train],
-              "holdout": [{**sft_record(r), "_line": r["line"]} for r in holdout]}
+    splits = {"train": [{**r["sft"], "_line": r["line"]} for r in train],
+              "holdout": [{**r["sft"], "_line": r["line"]} for r in holdout]}
     lengths = []
     if tokenizer is not None:
-        for name, recs in splits.items():
-            kept, too_long = apply_token_limits(recs, token_counts(tokenizer, recs), args.model_max_length,
+        for name, side in (("train", train), ("holdout", holdout)):
+            kept, too_long = apply_token_limits(splits[name], [r["counts"] for r in side], args.model_max_length,
                                                 args.max_output_tokens)
             splits[name], rejects = kept, rejects + too_long
             lengths += [r["n_tokens"] for r in kept]

@@ -97,6 +97,28 @@ def test_token_counts_equal_chat_template(tiny_model_dir):
         assert (total, answer) == (len(full), len(full) - len(prompt))
 
 
+def test_build_counts_tokens_across_chunks_in_input_order(tmp_path, tiny_model_dir):
+    """600 records = 3 chunks through the counting thread: every kept record's n_tokens is its chat-template count,
+    and exactly the records above model_max_length are rejected as too_long."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    demo = [json.loads(line) for line in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()]
+    raw = [{**demo[i % len(demo)], "id": f"r{i}", "question": f"{demo[i % len(demo)]['question']} (v{i})"}
+           for i in range(600)]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
+    args = ["--input_raw", str(tmp_path / "raw.jsonl"), "--output_sft", str(tmp_path / "sft.json"),
+            "--dataset_id", "t", "--tokenizer", str(tiny_model_dir), "--model_max_length", "500",
+            "--holdout_fraction", "0", "--seed", "0"]
+    assert builder.main(args) == 0
+    kept = {r["id"]: r for r in json.loads((tmp_path / "sft.json").read_text())}
+    rejected = {r["id"] for r in map(json.loads, (tmp_path / "sft.rejects.jsonl").read_text().splitlines())
+                if r["reason"] == "too_long"}
+    assert kept and rejected and len(kept) + len(rejected) == 600
+    for r in kept.values():
+        assert r["n_tokens"] == len(tok.apply_chat_template(r["conversations"], tokenize=True)["input_ids"]) <= 500
+    assert list(kept) == sorted(kept, key=lambda i: int(i[1:]))
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 

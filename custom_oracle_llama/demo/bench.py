@@ -74,6 +74,7 @@ def bench_builder(tokenizer_dir: Path, n: int, n_tables: int) -> dict:
     t_raw = time.perf_counter() - t0
     tokens = statistics.median(r["n_tokens"] for r in sft) if sft and "n_tokens" in sft[0] else None
     return {"records": len(sft), "median_tokens": tokens, "builder_examples_per_s": len(sft) / t_build,
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
             "raw_tokenizer_examples_per_s": len(texts) / t_raw,
             "ratio": (len(sft) / t_build) / (len(texts) / t_raw)}
 
@@ -151,7 +152,8 @@ def markdown(res: dict) -> str:
     if b:
         rows.append(("dataset builder vs raw fast tokenizer", f"{b['builder_examples_per_s']:.0f} vs "
                      f"{b['raw_tokenizer_examples_per_s']:.0f} examples/s = **{b['ratio']:.2f}x** "
-                     f"({b['records']} records, median {b['median_tokens']:.0f} tokens)", ">= 0.7x"))
+                     f"({b['records']} records, median {b['median_tokens']:.0f} tokens, "
+                     f"TOKENIZERS_PARALLELISM={b['tokenizers_parallelism']})", ">= 0.7x"))
     if g:
         rows.append(("guardrail layers 1-4, p50 / p99 per SQL", f"pure {g['pure']['p50_ms']:.2f} / "
                      f"{g['pure']['p99_ms']:.2f} ms; sqlglotc {g['sqlglotc']['p50_ms']:.2f} / "
