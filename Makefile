@@ -113,7 +113,7 @@ $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
 CALIB_SAMPLES ?= 64
 CALIB_MAX_LEN ?= 1024
 package: $(QUANT)/oracle_manifest.json
-$(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/package_oracle_model.py
+$(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/package_oracle_model.py $(PKG)/lora_merge.py
 	$(PY) $(PKG)/package_oracle_model.py --base_model $(BASE_MODEL) --lora_adapter $(ADAPTER) \
 	  --merged_out $(MERGED) --quant_out $(QUANT) --quant_method $(QUANT_METHOD) --calib_data $(SFT) \
 	  --num_calib_samples $(CALIB_SAMPLES) --calib_max_seq_len $(CALIB_MAX_LEN) --group_size 128 --force

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import oracle_explain as ox
 import sql_guardrail as g
 from artifacts import StageError
 
@@ -24,7 +25,7 @@ SECRET = "Tr0ub4dor&3-never-print"
 
 def test_explain_statements_are_exact():
     sql = "SELECT ai.invoice_num FROM ap_invoices_all ai WHERE ai.org_id IN (:org_ids)"
-    assert g.explain_statements(sql, "GUARD_ABC123") == [
+    assert ox.explain_statements(sql, "GUARD_ABC123") == [
         "SET TRANSACTION READ ONLY",
         "EXPLAIN PLAN SET STATEMENT_ID = 'GUARD_ABC123' FOR "
         "SELECT ai.invoice_num FROM ap_invoices_all ai WHERE ai.org_id IN (:org_ids)",
@@ -34,12 +35,12 @@ def test_explain_statements_are_exact():
 @pytest.mark.parametrize("sid", ["", "x'; DROP TABLE t --", "A" * 31, "a b"])
 def test_statement_id_cannot_inject(sid):
     with pytest.raises(StageError, match="statement id"):
-        g.explain_statements("SELECT 1 FROM dual", sid)
+        ox.explain_statements("SELECT 1 FROM dual", sid)
 
 
 @pytest.mark.parametrize("timeout_s,call_ms", [(10, 10000), (0.25, 250), (2.5, 2500), (0.0004, 1)])
 def test_timeouts_as_configured(timeout_s, call_ms):
-    params, call_timeout = g.explain_connect_params("db:1521/EBS", "apps_ro", timeout_s)
+    params, call_timeout = ox.explain_connect_params("db:1521/EBS", "apps_ro", timeout_s)
     assert params == {"dsn": "db:1521/EBS", "user": "apps_ro", "tcp_connect_timeout": float(timeout_s),
                       "retry_count": 0}
     assert call_timeout == call_ms and "password" not in params
@@ -51,7 +52,7 @@ def test_timeouts_as_configured(timeout_s, call_ms):
 ])
 def test_bad_explain_config(dsn, user, timeout_s, match):
     with pytest.raises(StageError, match=match):
-        g.explain_connect_params(dsn, user, timeout_s)
+        ox.explain_connect_params(dsn, user, timeout_s)
 
 
 ORA_CASES = [
@@ -72,7 +73,7 @@ ORA_CASES = [
 
 @pytest.mark.parametrize("message,meaning,detail", ORA_CASES)
 def test_ora_errors_become_feedback(message, meaning, detail):
-    text = g.map_oracle_error(message, timeout_s=3)
+    text = ox.map_oracle_error(message, timeout_s=3)
     assert meaning in text and detail in text
     assert "\n" not in text and "docs.oracle.com" not in text
 
@@ -88,7 +89,7 @@ def test_ora_errors_become_feedback(message, meaning, detail):
     ("ORA-00942: table or view does not exist", False),
 ])
 def test_infrastructure_errors_are_not_blamed_on_the_model(message, infra):
-    assert g._is_infra(message) is infra
+    assert ox._is_infra(message) is infra
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_connect_timeout_is_enforced_on_a_silent_listener(silent_listener):
     dsn, accepted = silent_listener
     t0 = time.perf_counter()
     with pytest.raises(StageError, match=r"no answer within 1\.0s") as err:
-        g.explain_oracle("SELECT 1 FROM dual", dsn, "apps_ro", SECRET, 1.0)
+        ox.explain_oracle("SELECT 1 FROM dual", dsn, "apps_ro", SECRET, 1.0)
     assert 0.9 <= time.perf_counter() - t0 < 4
     assert accepted and SECRET not in str(err.value)
 
@@ -133,7 +134,7 @@ def test_connect_timeout_is_enforced_on_a_silent_listener(silent_listener):
 def test_refused_connection_is_one_clear_error_without_the_password():
     dsn = f"127.0.0.1:{_closed_port()}/EBSDEV"
     with pytest.raises(StageError, match="cannot connect to Oracle DSN") as err:
-        g.explain_oracle("SELECT 1 FROM dual", dsn, "apps_ro", SECRET, 5)
+        ox.explain_oracle("SELECT 1 FROM dual", dsn, "apps_ro", SECRET, 5)
     assert SECRET not in str(err.value) and "DPY-6005" in str(err.value)
 
 
@@ -175,7 +176,7 @@ def _real():
 @REAL_DB
 def test_real_oracle_explain_accepts_a_valid_query():
     dsn, user, password = _real()
-    assert g.explain_oracle("SELECT d.dummy, SYSDATE FROM dual d WHERE d.dummy = :x", dsn, user, password, 10) == []
+    assert ox.explain_oracle("SELECT d.dummy, SYSDATE FROM dual d WHERE d.dummy = :x", dsn, user, password, 10) == []
 
 
 @REAL_DB
@@ -186,5 +187,5 @@ def test_real_oracle_explain_accepts_a_valid_query():
 ])
 def test_real_oracle_explain_maps_errors(sql, code):
     dsn, user, password = _real()
-    reasons = g.explain_oracle(sql, dsn, user, password, 10)
+    reasons = ox.explain_oracle(sql, dsn, user, password, 10)
     assert len(reasons) == 1 and code in reasons[0] and reasons[0].startswith("Oracle rejected the query")

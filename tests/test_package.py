@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import PKG, ROOT
+import lora_merge
 import package_oracle_model as pkg
 from artifacts import sha256_file
 from prompting import chat_messages, template_sha256
@@ -90,7 +91,7 @@ def merged_none(tiny_model_dir, adapter, sft_data, tmp_path_factory) -> Path:
 
 # ---- merge ------------------------------------------------------------------------------------------------------
 def test_merge_equals_peft_merge_and_unload(tiny_model_dir, adapter, tmp_path):
-    stats = pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m", progress=False)
+    stats = lora_merge.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m", progress=False)
     assert stats["merged_tensors"] == 4 * 7 and stats["lora_scale"] == [2.0]
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
                                     adapter).merge_and_unload().state_dict()
@@ -118,8 +119,8 @@ def test_multi_shard_merge_matches_single_shard(tiny_model_dir, adapter, tmp_pat
         shutil.copyfile(tiny_model_dir / name, sharded / name)   # same config bytes as the adapter's base
     shards = sorted(sharded.glob("model-*.safetensors"))
     assert len(shards) >= 4
-    stats = pkg.merge_lora_shards(sharded, adapter, tmp_path / "m", progress=False)
-    single = pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m1", progress=False)
+    stats = lora_merge.merge_lora_shards(sharded, adapter, tmp_path / "m", progress=False)
+    single = lora_merge.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "m1", progress=False)
     assert stats["shards"] == len(shards) and stats["merged_tensors"] == single["merged_tensors"] == 28
     assert stats["largest_shard_bytes"] == max(p.stat().st_size for p in shards)
     got, want = tensors(tmp_path / "m"), tensors(tmp_path / "m1")
@@ -134,7 +135,7 @@ def test_merge_check_passes_and_catches_a_wrong_scale(tiny_model_dir, adapter, s
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [pkg.chat_ids(tok, pkg.record_messages(r, with_answer=True))
                for r in json.loads(sft_data.read_text())[:2]]
-    pkg.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "good", progress=False)
+    lora_merge.merge_lora_shards(tiny_model_dir, adapter, tmp_path / "good", progress=False)
     good = pkg.merge_check(tiny_model_dir, adapter, tmp_path / "good", prompts, progress=False)
     assert good["ok"], good
     assert good["mean_abs_logit_diff"] < good["rounding_floor_mean_abs_diff"] < good["adapter_effect_mean_abs"]
@@ -143,13 +144,13 @@ def test_merge_check_passes_and_catches_a_wrong_scale(tiny_model_dir, adapter, s
     cfg = json.loads((wrong / "adapter_config.json").read_text())
     cfg["lora_alpha"] = cfg["lora_alpha"] * 1.5     # a 50% scale error (e.g. alpha/r vs alpha/sqrt(r) mix-ups)
     (wrong / "adapter_config.json").write_text(json.dumps(cfg))
-    pkg.merge_lora_shards(tiny_model_dir, wrong, tmp_path / "bad", progress=False)
+    lora_merge.merge_lora_shards(tiny_model_dir, wrong, tmp_path / "bad", progress=False)
     bad = pkg.merge_check(tiny_model_dir, adapter, tmp_path / "bad", prompts, progress=False)
     assert not bad["ok"], bad
 
 
 def test_bench_merge_peak_rss_within_two_shards(tmp_path):
-    result = pkg.bench_merge(4, tmp_path, hidden=1024, intermediate=4096, layers=4, vocab=8192)
+    result = lora_merge.bench_merge(4, tmp_path, hidden=1024, intermediate=4096, layers=4, vocab=8192)
     assert result["shards"] >= 3 and result["peak_rss_method"].startswith("VmHWM")
     assert result["within_budget"], result
     assert result["peak_rss_extra_bytes"] <= 2 * result["largest_shard_bytes"]

@@ -112,8 +112,8 @@ def bench_guardrail(rounds: int) -> dict:
 
 
 def bench_merge_rss(shards: int) -> dict:
-    import package_oracle_model
-    return package_oracle_model.bench_merge(shards, ROOT / ".cache" / "bench-merge")
+    import lora_merge
+    return lora_merge.bench_merge(shards, ROOT / ".cache" / "bench-merge")
 
 
 def bench_planner() -> dict:

@@ -25,9 +25,9 @@ Nothing the model writes reaches an EBS database unless every layer below passes
                      predicate}) must be constrained, in the WHERE or the join ON of the SELECT that reads it, by a
                      top-level AND conjunct equal to the expected predicate (e.g. ORG_ID IN (:org_ids)) on that
                      table's column.
-  5. explain_error   Optional EXPLAIN PLAN on a staging Oracle (python-oracledb thin mode): read-only
-                     transaction, call timeout, the statement is never executed, ORA- errors become feedback.
-                     Runs only when layers 1-4 passed.
+  5. explain_error   Optional EXPLAIN PLAN on a staging Oracle (python-oracledb thin mode, oracle_explain.py):
+                     read-only transaction, call timeout, the statement is never executed, ORA- errors become
+                     feedback. Runs only when layers 1-4 passed.
 
 Verdict (check_sql): {"ok", "sql" (normalized SQL, None unless ok), "candidate_sql" (what was checked), "reasons",
 "codes", "normalized", "unknown_tables", "unknown_columns", "checks" (layers run), "skipped", "sqlglot"}.
@@ -60,12 +60,12 @@ import os
 import re
 import sys
 import time
-import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from artifacts import StageError  # noqa: E402
+from oracle_explain import explain_connect_params, explain_oracle  # noqa: E402
 
 
 class _PureSqlglotFinder(importlib.abc.MetaPathFinder):
@@ -796,144 +796,6 @@ def _analyse(stmt, sql, normalized, catalog, policy, security_filters, explain, 
     ok = not reasons
     return done(ok=ok, sql=sql if ok else None, candidate_sql=sql, normalized=normalized,
                 unknown_tables=unknown_tables, unknown_columns=unknown_columns, skipped=skipped)
-
-
-# --------------------------------------------------------------------------------------- layer 5: Oracle EXPLAIN
-ORA_FEEDBACK = {
-    "ORA-00904": "invalid identifier: a column or alias does not exist",
-    "ORA-00942": "table or view does not exist (or the staging account cannot see it)",
-    "ORA-00918": "column ambiguously defined: qualify it with its table alias",
-    "ORA-00933": "SQL command not properly ended",
-    "ORA-00936": "missing expression",
-    "ORA-00907": "missing right parenthesis",
-    "ORA-00911": "invalid character",
-    "ORA-00923": "FROM keyword not found where expected",
-    "ORA-00932": "inconsistent datatypes",
-    "ORA-00937": "not a single-group group function: add the non-aggregated columns to GROUP BY",
-    "ORA-00979": "not a GROUP BY expression",
-    "ORA-00934": "group function is not allowed here (use HAVING for aggregate conditions)",
-    "ORA-01722": "invalid number",
-    "ORA-01719": "outer join operator (+) not allowed in an OR or IN operand",
-    "ORA-01799": "a column may not be outer-joined to a subquery",
-    "ORA-00920": "invalid relational operator",
-    "ORA-00905": "missing keyword",
-    "ORA-00957": "duplicate column name",
-    "ORA-01031": "insufficient privileges on an object the query reads",
-    "ORA-01039": "insufficient privileges on the underlying objects of a view",
-    "ORA-06553": "PL/SQL function call failed to compile (wrong package function or arguments)",
-    "ORA-30483": "window functions are not allowed here",
-    "ORA-01436": "CONNECT BY loop in user data",
-    "ORA-32039": "recursive WITH clause must have a column alias list",
-    "ORA-00972": "identifier is too long",
-    "ORA-01013": "EXPLAIN PLAN was cancelled: it exceeded the statement timeout",
-}
-# Errors about the connection/account, not the SQL: they must not be fed back to the model as its fault.
-ORA_INFRA = {"ORA-01017", "ORA-12154", "ORA-12514", "ORA-12541", "ORA-12170", "ORA-28000", "ORA-28001",
-             "ORA-01456", "ORA-02402", "ORA-01034", "ORA-12505", "ORA-03113", "ORA-03114", "ORA-12537"}
-_STATEMENT_ID = re.compile(r"\A[A-Za-z0-9_]{1,30}\Z")
-
-
-def explain_statements(sql, statement_id):
-    """The exact statements explain_oracle sends, in order (the query itself is only ever explained)."""
-    if not _STATEMENT_ID.match(statement_id):
-        raise StageError(f"bad EXPLAIN statement id {statement_id!r}")
-    return ["SET TRANSACTION READ ONLY", f"EXPLAIN PLAN SET STATEMENT_ID = '{statement_id}' FOR {sql}"]
-
-
-def explain_connect_params(dsn, user, timeout_s):
-    """oracledb.connect keyword arguments (password added by the caller) and the call timeout in ms."""
-    if not dsn or not user:
-        raise StageError("EXPLAIN needs a DSN and a user (ORACLE_GUARD_DSN / ORACLE_GUARD_USER)")
-    if not timeout_s or timeout_s <= 0:
-        raise StageError(f"EXPLAIN timeout must be > 0 seconds (got {timeout_s})")
-    return {"dsn": dsn, "user": user, "tcp_connect_timeout": float(timeout_s), "retry_count": 0}, \
-        max(1, int(round(timeout_s * 1000)))
-
-
-def map_oracle_error(message, timeout_s=None):
-    """One feedback line for the model from an Oracle/driver error message ('ORA-00904: "X": invalid identifier')."""
-    text = str(message).strip().splitlines()[0] if str(message).strip() else "unknown Oracle error"
-    m = re.search(r"\b(ORA|DPY|PLS)-(\d{4,5})", text)
-    code = f"{m.group(1)}-{m.group(2)}" if m else None
-    if code in ("DPY-4024", "ORA-01013") or "call timeout" in text.lower():
-        return f"Oracle EXPLAIN PLAN exceeded the {timeout_s}s statement timeout: simplify the query"
-    meaning = ORA_FEEDBACK.get(code)
-    return f"Oracle rejected the query: {meaning} ({text})" if meaning else f"Oracle rejected the query: {text}"
-
-
-def _is_infra(message):
-    m = re.search(r"\b(ORA|DPY)-(\d{4,5})", str(message))
-    if not m:
-        return True
-    code = f"{m.group(1)}-{m.group(2)}"
-    return code in ORA_INFRA or (m.group(1) == "DPY" and code != "DPY-4024")
-
-
-def _connect_with_deadline(oracledb, params, password, timeout_s, scrub):
-    """oracledb.connect bounded by timeout_s end to end.
-
-    tcp_connect_timeout only bounds the TCP connect: a listener that accepts and then stays silent hangs the thin
-    handshake forever (seen here), so the connect runs in a daemon thread and is abandoned at the deadline.
-    """
-    import threading
-    box = {}
-
-    def run():
-        try:
-            box["conn"] = oracledb.connect(password=password, **params)
-        except Exception as e:  # reported by the caller thread
-            box["error"] = e
-
-    worker = threading.Thread(target=run, name="oracle-explain-connect", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        raise StageError(f"cannot connect to Oracle DSN {params['dsn']} as {params['user']}: no answer within "
-                         f"{timeout_s}s")
-    if "error" in box:
-        raise StageError(f"cannot connect to Oracle DSN {params['dsn']} as {params['user']}: "
-                         f"{scrub(box['error'])}") from None
-    return box["conn"]
-
-
-def explain_oracle(sql, dsn, user, password, timeout_s) -> list:
-    """EXPLAIN PLAN the query on a staging Oracle; [] when Oracle accepts it, else feedback lines.
-
-    Read-only transaction, call timeout, rollback at the end; the query is never executed. Connection/account
-    problems raise StageError (they are not the model's fault). The password never appears in any message.
-    """
-    import oracledb
-    params, call_timeout_ms = explain_connect_params(dsn, user, timeout_s)
-    statements = explain_statements(sql, f"GUARD_{uuid.uuid4().hex[:20].upper()}")
-
-    def scrub(e):
-        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__]
-        text = " / ".join(line.strip() for line in lines if line.strip())[:500]
-        return text.replace(password, "***") if password else text
-
-    conn = _connect_with_deadline(oracledb, params, password, timeout_s, scrub)
-    try:
-        conn.call_timeout = call_timeout_ms
-        cur = conn.cursor()
-        cur.execute(statements[0])
-        cur.prepare(statements[1])
-        # EXPLAIN PLAN does not need bind values, but the driver requires every placeholder to be bound.
-        cur.execute(None, {name: None for name in cur.bindnames()})
-        return []
-    except oracledb.Error as e:
-        if "ORA-01456" in str(e):
-            raise StageError(f"{dsn} refuses EXPLAIN PLAN inside a READ ONLY transaction (it must insert into "
-                             f"PLAN_TABLE): disable --explain-dsn for this database ({scrub(e)})") from None
-        if _is_infra(e):
-            raise StageError(f"EXPLAIN on {dsn} failed for a reason unrelated to the query: {scrub(e)}") from None
-        return [map_oracle_error(scrub(e), timeout_s)]
-    finally:
-        # The plan rows go with the rollback; a dead link at the end must not mask the verdict.
-        for end in (conn.rollback, conn.close):
-            try:
-                end()
-            except oracledb.Error:
-                pass
 
 
 # ------------------------------------------------------------------------------------------- ask (one retry)
