@@ -176,12 +176,6 @@ def count_tokens(backend, full: list[str], prompt_chars: list[int]) -> list[tupl
     return out
 
 
-def token_counts(tokenizer, sft: list[dict], batch: int = 256) -> list[tuple[int, int]]:
-    """count_tokens over sft records, in batches (the same counts the build uses)."""
-    return [c for i in range(0, len(sft), batch)
-            for c in count_tokens(tokenizer.backend_tokenizer, *chat_texts(tokenizer, sft[i:i + batch]))]
-
-
 def apply_token_limits(sft, counts, model_max_length, max_output_tokens):
     kept, rejects = [], []
     for r, (total, answer) in zip(sft, counts):
@@ -281,8 +275,10 @@ def build(args) -> int:
         raise StageError(f"cannot read {raw_path}: {e}")
 
     accepted, rejects, counting, chunk = [], [], [], []
-    # Token counting overlaps validation: the Rust tokenizer counts chunk k in a thread while Python validates on.
     with ThreadPoolExecutor(max_workers=1) as pool:
+        def count_later(recs):  # the Rust tokenizer counts this chunk in the thread while Python validates on
+            counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, recs)))
+
         for line_no, text in enumerate(tqdm(lines, desc="validate", unit="rec", disable=len(lines) < 2000), start=1):
             if not text.strip():
                 rejects.append({"line": line_no, "reason": "empty_line", "detail": "blank line"})
@@ -293,12 +289,13 @@ def build(args) -> int:
                 continue
             rec["sft"] = sft_record(rec)
             accepted.append(rec)
-            chunk.append(rec["sft"])
-            if tokenizer is not None and len(chunk) == 256:
-                counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, chunk)))
-                chunk = []
-        if tokenizer is not None and chunk:
-            counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, chunk)))
+            if tokenizer is not None:
+                chunk.append(rec["sft"])
+                if len(chunk) == 256:
+                    count_later(chunk)
+                    chunk = []
+        if chunk:
+            count_later(chunk)
         counts = [c for f in counting for c in f.result()]
     for rec, c in zip(accepted, counts):
         rec["counts"] = c

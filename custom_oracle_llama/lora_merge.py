@@ -1,7 +1,8 @@
 """Streaming LoRA merge for the packaging stage: W += (alpha/r) * B @ A, shard by shard, without loading the model.
 
 Used by package_oracle_model.py (step 1 of its docstring explains the method and the memory it needs) and by
-`make bench` (bench_merge: peak RSS of a merge against the largest shard). Pure file-in / file-out functions.
+`make bench` (bench_merge: peak RSS of a merge against the largest shard). The merge streams files; it never
+loads the model.
 """
 import hashlib
 import json

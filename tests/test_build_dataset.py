@@ -91,7 +91,7 @@ def test_token_counts_equal_chat_template(tiny_model_dir):
     raw = [json.loads(line) for line in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()[:20]]
     sft = [builder.sft_record({"id": str(i), "question": r["question"], "sql": r["sql"], "context": r["context"],
                                "tags": []}) for i, r in enumerate(raw)]
-    for r, (total, answer) in zip(sft, builder.token_counts(tok, sft, batch=7)):
+    for r, (total, answer) in zip(sft, builder.count_tokens(tok.backend_tokenizer, *builder.chat_texts(tok, sft))):
         full = tok.apply_chat_template(r["conversations"], tokenize=True)["input_ids"]
         prompt = tok.apply_chat_template(r["conversations"][:1], tokenize=True, add_generation_prompt=True)["input_ids"]
         assert (total, answer) == (len(full), len(full) - len(prompt))
