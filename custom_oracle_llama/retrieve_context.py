@@ -1,0 +1,578 @@
+"""Question-time schema retrieval: question + schema file -> the `context` object every stage accepts.
+
+The same builder serves training data (build_oracle_sft_dataset.py --retrieve), the guarded `ask`, the eval's
+question-only path and the demo, so the model sees one context distribution in training and in production.
+
+    python custom_oracle_llama/retrieve_context.py --schema demo/ebs_schema.json --question "Unpaid invoices by supplier"
+    python custom_oracle_llama/retrieve_context.py --schema S --batch < questions.jsonl     # {"question": ...} a line
+    python custom_oracle_llama/retrieve_context.py eval --schema S --raw raw_questions.jsonl --tokenizer MODEL_DIR
+
+Method (every step deterministic, no network, no model):
+1. rank tables with BM25 (bm25s) over one document per table: its name split on "_", its description, the
+   business synonyms pointing at it, its column names and descriptions; words are lower-cased, stop words dropped
+   and plurals folded ("invoices" -> "invoice"). Synonym phrases found in the question force their table in.
+2. keep the top tables scoring >= REL_CUTOFF x the best (at most MAX_TABLES); connect them through the join graph
+   with a networkx Steiner tree (bridge tables added), computed on the terminals' neighbourhood so a 30k-table
+   graph costs milliseconds.
+3. columns: the keys, the join columns between chosen tables, the security-filter column and the synonym targets
+   always; then the other columns by lexical match (IDF-weighted overlap with the question), table rank and schema
+   order, as many as fit --max_context_tokens, counted exactly through the tokenizer's chat template on the
+   prompt the model will see (prompting.py). Without a tokenizer the count is a conservative byte estimate.
+4. every join edge between chosen tables, matched synonyms, and every security filter of every chosen table.
+
+A question that matches no table raises "no relevant tables for this question": never a whole-schema dump.
+"""
+import argparse
+import hashlib
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "inference"))
+
+from artifacts import StageError, library_versions, read_json  # noqa: E402
+from prompting import chat_messages, template_sha256  # noqa: E402
+
+# ---- settings (recorded by retrieval_settings(); change one and the dataset manifest says so) -----------------
+DEFAULT_MAX_CONTEXT_TOKENS = 2048  # whole rendered prompt (rules + context + question), inside the 1.6k-4k RAG budget
+MIN_CONTEXT_TOKENS = 256           # below this not even the rules block fits
+MAX_TABLES = 5                     # ranked tables kept before bridges; EBS questions rarely need more than 4
+REL_CUTOFF = 0.45                  # keep a ranked table only if it scores >= this share of the best table
+STEINER_RADIUS = 2                 # join hops searched around each chosen table for bridge tables
+HUB_DEGREE = 40                    # tables joined to more than this many (FND_USER, HR_OPERATING_UNITS, ...) are
+                                   # reached but not expanded: they connect everything and explain nothing
+MATCHED_COLUMNS_PER_TABLE = 8      # lexically matched columns that are always kept (then by score under the budget)
+BYTES_PER_TOKEN_ESTIMATE = 2.5     # no tokenizer: Llama-3 averages ~3.5 bytes/token on this text; 2.5 over-counts
+METHOD = "bm25s tables + synonym phrases -> networkx steiner_tree (mehlhorn) bridges -> columns under token budget"
+
+SCHEMA_KEYS = {"description", "source", "tables", "joins", "synonyms", "security_filters"}
+TABLE_KEYS = {"description", "columns", "primary_key"}
+COLUMN_KEYS = {"type", "description"}
+FILTER_KEYS = {"column", "predicate"}
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset("""a about all also an and any are as at be been by can could did do does each for from get give
+have how i in into is it its list me my of on or our per please show so than that the their them there these this
+those to us was we were what when where which who whose why will with would you your""".split())
+
+
+# ---- text -> terms ----------------------------------------------------------------------------------------------
+def fold(word: str) -> str:
+    """Plural folding, enough for schema English: invoices -> invoice, entries -> entry, statuses -> status."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("sses", "shes", "ches", "xes", "uses")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def terms(text: str) -> list[str]:
+    """Lower-case words of a question, description or identifier (VENDOR_NAME -> vendor, name), stop words out."""
+    return [fold(w) for w in _WORD.findall(text.lower().replace("_", " ")) if w not in _STOP]
+
+
+# ---- schema file ----------------------------------------------------------------------------------------------
+def _split_ref(ref: str, what: str) -> tuple[str, str | None]:
+    parts = ref.strip().split(".")
+    if len(parts) > 2 or not all(parts):
+        raise StageError(f"{what}: '{ref}' is not TABLE or TABLE.COLUMN")
+    return parts[0].upper(), (parts[1].upper() if len(parts) == 2 else None)
+
+
+def validate_schema(schema, where: str = "schema") -> dict:
+    """The schema with upper-case names; StageError naming the first problem (unknown key, dangling reference)."""
+    if not isinstance(schema, dict):
+        raise StageError(f"{where}: expected a JSON object with 'tables'")
+    unknown = sorted(set(schema) - SCHEMA_KEYS)
+    if unknown:
+        raise StageError(f"{where}: unknown keys {unknown} (allowed: {sorted(SCHEMA_KEYS)})")
+    if not isinstance(schema.get("tables"), dict) or not schema["tables"]:
+        raise StageError(f"{where}: 'tables' must be a non-empty object {{TABLE: {{description, columns}}}}")
+    tables = {}
+    for tname, spec in schema["tables"].items():
+        if not isinstance(spec, dict):
+            raise StageError(f"{where}: table {tname} must be an object")
+        bad = sorted(set(spec) - TABLE_KEYS)
+        if bad:
+            raise StageError(f"{where}: table {tname} has unknown keys {bad} (allowed: {sorted(TABLE_KEYS)})")
+        if not isinstance(spec.get("columns"), dict) or not spec["columns"]:
+            raise StageError(f"{where}: table {tname} needs a non-empty 'columns' object")
+        cols = {}
+        for cname, col in spec["columns"].items():
+            if not isinstance(col, dict) or set(col) - COLUMN_KEYS:
+                raise StageError(f"{where}: column {tname}.{cname} must be an object with keys {sorted(COLUMN_KEYS)}")
+            if not all(isinstance(v, str) for v in col.values()):
+                raise StageError(f"{where}: column {tname}.{cname}: type and description must be strings")
+            cols[cname.upper()] = {"type": col.get("type", ""), "description": col.get("description", "")}
+        pk = [c.upper() for c in spec.get("primary_key", [])]
+        if [c for c in pk if c not in cols]:
+            raise StageError(f"{where}: table {tname} primary_key names missing columns {[c for c in pk if c not in cols]}")
+        tables[tname.upper()] = {"description": str(spec.get("description", "")), "columns": cols,
+                                 **({"primary_key": pk} if pk else {})}
+
+    def check_ref(ref: str, what: str, need_column: bool) -> tuple[str, str | None]:
+        if not isinstance(ref, str):
+            raise StageError(f"{where}: {what}: expected a string, got {ref!r}")
+        t, c = _split_ref(ref, f"{where}: {what}")
+        if t not in tables:
+            raise StageError(f"{where}: {what} names missing table {t}")
+        if need_column and c is None:
+            raise StageError(f"{where}: {what}: '{ref}' must be TABLE.COLUMN")
+        if c is not None and c not in tables[t]["columns"]:
+            raise StageError(f"{where}: {what} names missing column {t}.{c}")
+        return t, c
+
+    joins = []
+    for j in schema.get("joins", []):
+        sides = j.split("=") if isinstance(j, str) else []
+        if len(sides) != 2:
+            raise StageError(f"{where}: join {j!r} is not 'TABLE.COLUMN = TABLE.COLUMN'")
+        (lt, lc), (rt, rc) = (check_ref(s, f"join '{j}'", True) for s in sides)
+        if lt == rt:
+            raise StageError(f"{where}: join '{j}' joins {lt} to itself")
+        joins.append(f"{lt}.{lc} = {rt}.{rc}")
+    synonyms = {}
+    for phrase, target in (schema.get("synonyms") or {}).items():
+        t, c = check_ref(target, f"synonym '{phrase}'", False)
+        if not terms(phrase):
+            raise StageError(f"{where}: synonym '{phrase}' has no words to match")
+        synonyms[phrase] = f"{t}.{c}" if c else t
+    filters = {}
+    for t, f in (schema.get("security_filters") or {}).items():
+        if not isinstance(f, dict) or set(f) != FILTER_KEYS:
+            raise StageError(f"{where}: security filter of {t} must have exactly the keys {sorted(FILTER_KEYS)}")
+        tt, c = check_ref(f"{t}.{f['column']}", f"security filter of {t}", True)
+        filters[tt] = {"column": c, "predicate": f["predicate"]}
+    return {"description": schema.get("description", ""), **({"source": schema["source"]} if "source" in schema else {}),
+            "tables": tables, "joins": joins, "synonyms": synonyms, "security_filters": filters}
+
+
+def load_schema(path) -> dict:
+    """Read and validate a schema file (shape of demo/ebs_schema.json); StageError with a clear message."""
+    if not Path(path).is_file():
+        raise StageError(f"schema file {path} not found")
+    return validate_schema(read_json(path), where=f"schema {path}")
+
+
+def schema_sha256(schema: dict) -> str:
+    """Hash of the validated schema's canonical JSON: the same schema hashes the same whatever its formatting."""
+    return hashlib.sha256(json.dumps(schema, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---- index ----------------------------------------------------------------------------------------------------
+@dataclass
+class Index:
+    schema: dict
+    sha256: str
+    names: list[str]                     # table names in BM25 document order
+    bm25: object                         # bm25s.BM25 over one document per table
+    graph: object                        # networkx.Graph of tables, one edge per joinable pair
+    idf: dict[str, float]                # term -> IDF over the table documents (column scoring)
+    column_terms: dict[str, dict[str, frozenset]]  # table -> column -> its terms
+    synonym_terms: list[tuple[tuple[str, ...], str, str]]  # (phrase terms, phrase, target)
+    join_columns: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # pair -> [(lcol, rcol)]
+    build_seconds: float = 0.0
+
+
+def table_document(name: str, spec: dict, synonyms: list[str]) -> list[str]:
+    """BM25 document of one table. The name and description count twice: they say what the table is about."""
+    head = terms(name) + terms(spec["description"])
+    doc = head + head + [t for s in synonyms for t in terms(s)]
+    for cname, col in spec["columns"].items():
+        doc += terms(cname) + terms(col["description"])
+    return doc
+
+
+def build_index(schema: dict) -> Index:
+    """Build once per schema, reuse for every question (a validated schema: load_schema or validate_schema)."""
+    import bm25s
+    import networkx as nx
+
+    t0 = time.perf_counter()
+    names = sorted(schema["tables"])
+    syn_by_table = {}
+    for phrase, target in schema["synonyms"].items():
+        syn_by_table.setdefault(target.split(".")[0], []).append(phrase)
+    docs = [table_document(n, schema["tables"][n], syn_by_table.get(n, [])) for n in names]
+    bm25 = bm25s.BM25()
+    bm25.index(docs, show_progress=False)
+    df = {}
+    for d in docs:
+        for t in set(d):
+            df[t] = df.get(t, 0) + 1
+    n_docs = len(docs)
+    idf = {t: math.log(1 + (n_docs - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+    graph = nx.Graph()
+    graph.add_nodes_from(names)
+    join_columns = {}
+    for j in schema["joins"]:
+        (lt, lc), (rt, rc) = (_split_ref(s, "join") for s in j.split("="))
+        join_columns.setdefault((lt, rt), []).append((lc, rc))
+        join_columns.setdefault((rt, lt), []).append((rc, lc))
+        graph.add_edge(lt, rt)
+    for u, v in graph.edges:  # hubs cost more: a path through HR_OPERATING_UNITS is rarely the intended one
+        graph[u][v]["weight"] = 1.0 + 0.25 * math.log1p(max(graph.degree(u), graph.degree(v)))
+    column_terms = {n: {c: frozenset(terms(c) + terms(col["description"])) for c, col in spec["columns"].items()}
+                    for n, spec in schema["tables"].items()}
+    synonym_terms = sorted(((tuple(terms(p)), p, t) for p, t in schema["synonyms"].items()), key=lambda s: s[1])
+    return Index(schema=schema, sha256=schema_sha256(schema), names=names, bm25=bm25, graph=graph, idf=idf,
+                 column_terms=column_terms, synonym_terms=synonym_terms, join_columns=join_columns,
+                 build_seconds=time.perf_counter() - t0)
+
+
+# ---- retrieval steps (pure functions of the index and the question) ----------------------------------------------
+def _contains(seq: list[str], sub: tuple[str, ...]) -> bool:
+    n = len(sub)
+    return any(tuple(seq[i:i + n]) == sub for i in range(len(seq) - n + 1))
+
+
+def matched_synonyms(index: Index, q_terms: list[str]) -> dict[str, str]:
+    return {phrase: target for sub, phrase, target in index.synonym_terms if _contains(q_terms, sub)}
+
+
+def rank_tables(index: Index, q_terms: list[str], forced: list[str]) -> list[str]:
+    """Tables in rank order: synonym-forced first, then BM25 top scorers above REL_CUTOFF x best."""
+    import numpy as np
+
+    known = [t for t in dict.fromkeys(q_terms) if t in index.bm25.vocab_dict]
+    chosen = list(dict.fromkeys(forced))
+    if known:
+        scores = index.bm25.get_scores(known)
+        k = min(MAX_TABLES * 4, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        # ties broken by name so the choice never depends on numpy's partition order
+        order = sorted(top.tolist(), key=lambda i: (-float(scores[i]), index.names[i]))
+        best = float(scores[order[0]])
+        for i in order:
+            if best <= 0 or float(scores[i]) < REL_CUTOFF * best or len(chosen) >= MAX_TABLES + len(forced):
+                break
+            if index.names[i] not in chosen and len([c for c in chosen if c not in forced]) < MAX_TABLES:
+                chosen.append(index.names[i])
+    return chosen
+
+
+def connect_tables(index: Index, chosen: list[str]) -> list[str]:
+    """Chosen tables plus the bridge tables of a Steiner tree joining them (per connected group), bridges last."""
+    import networkx as nx
+    from networkx.algorithms.approximation import steiner_tree
+
+    if len(chosen) < 2:
+        return list(chosen)
+    g = index.graph
+    near = set(chosen)
+    for t in chosen:  # the terminals' neighbourhood; hubs are reached but not expanded
+        frontier = {t}
+        for _ in range(STEINER_RADIUS):
+            nxt = set()
+            for u in frontier:
+                if u == t or g.degree(u) <= HUB_DEGREE:
+                    nxt.update(g.neighbors(u))
+            near |= nxt
+            frontier = nxt
+    sub = g.subgraph(near)
+    bridges = set()
+    for comp in nx.connected_components(sub):
+        terminals = sorted(comp & set(chosen))
+        if len(terminals) >= 2:
+            tree = steiner_tree(sub.subgraph(comp), terminals, weight="weight", method="mehlhorn")
+            bridges |= set(tree.nodes) - set(chosen)
+    return list(chosen) + sorted(bridges)
+
+
+def column_score(index: Index, table: str, column: str, q_set: frozenset) -> float:
+    return sum(index.idf.get(t, 0.0) for t in index.column_terms[table][column] & q_set)
+
+
+def _table_entry(index: Index, table: str, columns: list[str]) -> dict:
+    spec = index.schema["tables"][table]
+    return {"name": table, "description": spec["description"],
+            "columns": [{"name": c, "type": spec["columns"][c]["type"], "description": spec["columns"][c]["description"]}
+                        for c in spec["columns"] if c in columns]}
+
+
+def assemble_context(index: Index, tables: list[str], kept: dict[str, set], relevant: list[str],
+                     synonyms: dict[str, str]) -> dict:
+    chosen = set(tables)
+    schema = index.schema
+    return {
+        "tables": [_table_entry(index, t, kept[t]) for t in tables],
+        "joins": [j for j in schema["joins"] if all(s.strip().split(".")[0] in chosen for s in j.split("="))],
+        "columns": [c for c in relevant if c.split(".")[1] in kept[c.split(".")[0]]],
+        "synonyms": {p: t for p, t in sorted(synonyms.items()) if t.split(".")[0] in chosen},
+        "security_filters": [{"table": t, "column": schema["security_filters"][t]["column"],
+                              "predicate": schema["security_filters"][t]["predicate"]}
+                             for t in tables if t in schema["security_filters"]],
+    }
+
+
+# ---- token budget ---------------------------------------------------------------------------------------------
+def load_tokenizer(path):
+    """A local tokenizer directory (never a hub id: air-gapped)."""
+    from transformers import AutoTokenizer
+    if not Path(path).is_dir():
+        raise StageError(f"tokenizer directory {path} not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any loading failure is one clear line
+        raise StageError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def prompt_tokens(question: str, context: dict, tokenizer=None) -> int:
+    """Tokens of the user prompt exactly as the model receives it (chat template + generation prompt); without a
+    tokenizer a conservative estimate from the rendered prompt's UTF-8 bytes."""
+    messages = chat_messages(question, context)
+    if tokenizer is None:
+        return math.ceil(len(messages[0]["content"].encode()) / BYTES_PER_TOKEN_ESTIMATE) + 32
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False))
+
+
+def token_counter_name(tokenizer) -> str:
+    if tokenizer is None:
+        return f"estimate: utf-8 bytes / {BYTES_PER_TOKEN_ESTIMATE} + 32"
+    return f"chat template of {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}"
+
+
+# ---- the public entry point -------------------------------------------------------------------------------------
+def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> dict:
+    """The context for one question (raw-record `context` shape). StageError on an empty question, on a question
+    that matches no table, and when even the key columns of the chosen tables exceed the budget."""
+    if not isinstance(question, str) or not question.strip():
+        raise StageError("empty question")
+    if max_context_tokens < MIN_CONTEXT_TOKENS:
+        raise StageError(f"max_context_tokens {max_context_tokens} < {MIN_CONTEXT_TOKENS}")
+    schema = index.schema
+    q_terms = terms(question)
+    synonyms = matched_synonyms(index, q_terms)
+    ranked = rank_tables(index, q_terms, [t.split(".")[0] for t in synonyms.values()])
+    if not ranked:
+        raise StageError("no relevant tables for this question")
+    tables = connect_tables(index, ranked)
+    chosen = set(tables)
+    q_set = frozenset(q_terms)
+
+    required = {t: set(schema["tables"][t].get("primary_key", [])) for t in tables}
+    for (a, b), pairs in index.join_columns.items():
+        if a in chosen and b in chosen:
+            required[a].update(lc for lc, _ in pairs)
+    for t in tables:
+        if t in schema["security_filters"]:
+            required[t].add(schema["security_filters"][t]["column"])
+    for target in synonyms.values():
+        t, _, c = target.partition(".")
+        if c:
+            required[t].add(c)
+    scored = {t: sorted(((column_score(index, t, c, q_set), c) for c in schema["tables"][t]["columns"]),
+                        key=lambda sc: -sc[0]) for t in tables}
+    relevant = []
+    for t in tables:
+        matched = [c for s, c in scored[t] if s > 0]
+        required[t].update(matched[:MATCHED_COLUMNS_PER_TABLE])
+        relevant += [f"{t}.{c}" for c in matched[:MATCHED_COLUMNS_PER_TABLE]]
+    relevant = sorted(set(relevant) | {v for v in synonyms.values() if "." in v},
+                      key=lambda tc: (-column_score(index, *tc.split("."), q_set), tc))
+    # optional columns: better lexical match first, then the better-ranked table, then schema order
+    rank = {t: i for i, t in enumerate(tables)}
+    position = {t: {c: i for i, c in enumerate(schema["tables"][t]["columns"])} for t in tables}
+    optional = sorted(((s, t, c) for t in tables for s, c in scored[t] if c not in required[t]),
+                      key=lambda x: (-x[0], rank[x[1]], position[x[1]][x[2]]))
+
+    def build(n_optional: int) -> dict:
+        kept = {t: set(required[t]) for t in tables}
+        for _, t, c in optional[:n_optional]:
+            kept[t].add(c)
+        for t in tables:  # a table with no key, join or match still shows its first column
+            if not kept[t]:
+                kept[t].add(next(iter(schema["tables"][t]["columns"])))
+        return assemble_context(index, tables, kept, relevant, synonyms)
+
+    full = build(len(optional))
+    if prompt_tokens(question, full, tokenizer) <= max_context_tokens:
+        return full
+    lo, hi = 0, len(optional)  # largest n with build(n) within budget: binary search, log2(n) exact counts
+    if prompt_tokens(question, build(0), tokenizer) > max_context_tokens:
+        raise StageError(f"the {len(tables)} tables this question needs ({', '.join(tables)}) take more than "
+                         f"max_context_tokens={max_context_tokens} with only their key and matched columns")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt_tokens(question, build(mid), tokenizer) <= max_context_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return build(lo)
+
+
+def retrieval_settings(index: Index, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, tokenizer=None) -> dict:
+    """What a dataset manifest records so serving retrieves with exactly the same settings and schema."""
+    return {"schema_sha256": index.sha256, "method": METHOD, "max_context_tokens": max_context_tokens,
+            "token_counter": token_counter_name(tokenizer), "template_sha256": template_sha256(),
+            "params": {"max_tables": MAX_TABLES, "rel_cutoff": REL_CUTOFF, "steiner_radius": STEINER_RADIUS,
+                       "hub_degree": HUB_DEGREE, "matched_columns_per_table": MATCHED_COLUMNS_PER_TABLE},
+            "tables": len(index.names), "versions": library_versions("bm25s", "networkx", "numpy", "jinja2")}
+
+
+# ---- eval: recall against gold SQL ------------------------------------------------------------------------------
+def gold_usage(sql: str, schema: dict) -> tuple[set[str], set[str]]:
+    """(tables, TABLE.COLUMNs) a gold query reads, aliases and CTEs resolved by sqlglot's qualify."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+    from sqlglot.optimizer.qualify import qualify
+    from sqlglot.optimizer.scope import traverse_scope
+
+    catalog = {t: {c: col["type"] or "VARCHAR2" for c, col in spec["columns"].items()}
+               for t, spec in schema["tables"].items()}
+    try:
+        tree = sqlglot.parse_one(sql, read="oracle")
+        ctes = {c.alias_or_name.upper() for c in tree.find_all(exp.CTE)}
+        tables = {t.name.upper() for t in tree.find_all(exp.Table)} - ctes
+        qualified = qualify(tree, schema=catalog, dialect="oracle", identify=False, validate_qualify_columns=False)
+    except SqlglotError as e:
+        raise StageError(f"gold SQL does not parse as Oracle: {str(e).splitlines()[0]}") from None
+    columns = set()
+    for scope in traverse_scope(qualified):
+        for col in scope.columns:
+            s = scope
+            while s is not None and col.table not in s.sources:
+                s = s.parent
+            source = s.sources[col.table] if s is not None else None
+            if isinstance(source, exp.Table):
+                columns.add(f"{source.name.upper()}.{col.name.upper()}")
+    return tables, columns
+
+
+def _summary(rows: list[dict]) -> dict:
+    if not rows:
+        return {"questions": 0}
+    toks = sorted(r["tokens"] for r in rows)
+    return {"questions": len(rows),
+            "table_recall": round(sum(r["tables_ok"] for r in rows) / len(rows), 4),
+            "column_recall": round(sum(r["columns_ok"] for r in rows) / len(rows), 4),
+            "tables_per_context": {"median": statistics.median(r["n_tables"] for r in rows),
+                                   "max": max(r["n_tables"] for r in rows)},
+            "context_tokens": {"median": statistics.median(toks), "max": toks[-1]}}
+
+
+def evaluate(index: Index, records: list[dict], tokenizer=None, max_context_tokens=DEFAULT_MAX_CONTEXT_TOKENS,
+             holdout_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Table/column recall (every gold table/column in the context) overall and per split, context sizes."""
+    from build_oracle_sft_dataset import hashed_side
+    from sql_guardrail import normalized_sql
+
+    rows, latencies = [], []
+    for n, rec in enumerate(records, 1):
+        sql = rec.get("sql") or rec.get("sql_gold")
+        if not isinstance(rec.get("question"), str) or not isinstance(sql, str):
+            raise StageError(f"record {n}: needs 'question' and 'sql'")
+        gold_t, gold_c = gold_usage(sql, index.schema)
+        t0 = time.perf_counter()
+        try:
+            ctx = retrieve(index, rec["question"], tokenizer, max_context_tokens)
+        except StageError as e:
+            ctx, err = {"tables": []}, str(e)
+        else:
+            err = None
+        latencies.append(time.perf_counter() - t0)
+        got_t = {t["name"] for t in ctx["tables"]}
+        got_c = {f"{t['name']}.{c['name']}" for t in ctx["tables"] for c in t["columns"]}
+        rows.append({"id": rec.get("id", f"line-{n}"),
+                     "split": rec.get("split") or hashed_side(normalized_sql(sql), holdout_fraction, seed),
+                     "tables_ok": gold_t <= got_t, "columns_ok": gold_c <= got_c, "n_tables": len(got_t),
+                     "tokens": prompt_tokens(rec["question"], ctx, tokenizer) if err is None else 0,
+                     "missing": sorted((gold_t - got_t) | (gold_c - got_c)), "error": err})
+    lat = sorted(latencies)
+    return {"overall": _summary(rows), "train": _summary([r for r in rows if r["split"] == "train"]),
+            "holdout": _summary([r for r in rows if r["split"] == "holdout"]),
+            "latency_ms": {"p50": round(1000 * lat[len(lat) // 2], 2),
+                           "p99": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2)},
+            "misses": [{k: r[k] for k in ("id", "split", "missing", "error")} for r in rows
+                       if not (r["tables_ok"] and r["columns_ok"])],
+            "settings": retrieval_settings(index, max_context_tokens, tokenizer)}
+
+
+def read_jsonl(path) -> list[dict]:
+    if not Path(path).is_file():
+        raise StageError(f"{path} not found")
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path} line {n}: invalid JSON: {e.msg}") from None
+    return out
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def build_parser(eval_mode: bool) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="retrieve_context.py" + (" eval" if eval_mode else ""),
+        description=("Recall of retrieved contexts against gold SQL (every table/column the gold SQL uses is in "
+                     "the context), per hashed split, with context sizes, as JSON." if eval_mode else
+                     "Schema context for a question: one context JSON (--question) or one per input line (--batch). "
+                     "Subcommand `eval --raw FILE` measures recall."))
+    ap.add_argument("--schema", required=True, help="schema JSON (shape of demo/ebs_schema.json; schema_from_fnd.py)")
+    ap.add_argument("--tokenizer", help="local model/tokenizer dir: budget counted exactly through its chat template "
+                                        "(without it: a conservative byte estimate)")
+    ap.add_argument("--max_context_tokens", type=int, default=DEFAULT_MAX_CONTEXT_TOKENS,
+                    help=f"token budget of the whole rendered prompt (default {DEFAULT_MAX_CONTEXT_TOKENS})")
+    if eval_mode:
+        ap.add_argument("--raw", required=True, help="raw JSONL with question + sql (the builder's input format)")
+        ap.add_argument("--holdout_fraction", type=float, default=0.1, help="same as the builder's (default 0.1)")
+        ap.add_argument("--seed", type=int, default=0, help="split seed, same as the builder's --seed (default 0)")
+    else:
+        src = ap.add_mutually_exclusive_group(required=True)
+        src.add_argument("--question", help="one question; prints one context JSON")
+        src.add_argument("--batch", action="store_true",
+                         help='read {"question": ...} lines on stdin, write one context JSON per line')
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    eval_mode = bool(argv) and argv[0] == "eval"
+    args = build_parser(eval_mode).parse_args(argv[1:] if eval_mode else argv)
+    try:
+        if args.max_context_tokens < MIN_CONTEXT_TOKENS:
+            raise StageError(f"--max_context_tokens {args.max_context_tokens} < {MIN_CONTEXT_TOKENS}")
+        index = build_index(load_schema(args.schema))
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if eval_mode:
+            report = evaluate(index, read_jsonl(args.raw), tokenizer, args.max_context_tokens,
+                              args.holdout_fraction, args.seed)
+            print(json.dumps(report, indent=2))
+            o = report["overall"]
+            print(f"retrieval: {o['questions']} questions, all gold tables {o['table_recall']:.1%}, all gold columns "
+                  f"{o['column_recall']:.1%}, median {o['context_tokens']['median']} / max "
+                  f"{o['context_tokens']['max']} prompt tokens", file=sys.stderr)
+        elif args.question is not None:
+            print(json.dumps(retrieve(index, args.question, tokenizer, args.max_context_tokens), ensure_ascii=False))
+        else:
+            for n, line in enumerate(sys.stdin, 1):
+                if not line.strip():
+                    continue
+                try:
+                    question = json.loads(line)["question"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    raise StageError(f'stdin line {n}: expected {{"question": ...}}') from None
+                try:
+                    ctx = retrieve(index, question, tokenizer, args.max_context_tokens)
+                except StageError as e:
+                    raise StageError(f"stdin line {n}: {e}") from None
+                print(json.dumps(ctx, ensure_ascii=False), flush=True)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
