@@ -11,20 +11,36 @@ from pathlib import Path
 
 import pytest
 
+import datetime as dt
+
+import candidates as cand
+import duckdb_mirror_data as mirror_data
 import eval_oracle_nl2sql as ev
+from duckdb_explain import DuckDBMirror, duckdb_type
 from prompting import chat_messages
+from sql_guardrail import check_sql
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "custom_oracle_llama" / "eval_oracle_nl2sql.py"
 DEMO = ROOT / "custom_oracle_llama" / "demo"
 CATALOG_PATH = DEMO / "ebs_catalog.json"
+SCHEMA_PATH = DEMO / "ebs_schema.json"
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
+TODAY = dt.date(2026, 12, 1)
 RAW = [json.loads(line) for line in (DEMO / "raw_questions.jsonl").read_text().splitlines() if line.strip()]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def mirror():
-    return ev.DuckDBMirror(json.loads(CATALOG_PATH.read_text()))
+    return DuckDBMirror(json.loads(CATALOG_PATH.read_text()))
+
+
+@pytest.fixture(scope="module")
+def data_mirror():
+    """The mirror with the synthetic rows the eval generates (seeded with the demo gold SQL, as the eval does)."""
+    data = mirror_data.synthetic_rows(SCHEMA, seed=0, today=TODAY, sqls=[r["sql"] for r in RAW])
+    return DuckDBMirror(json.loads(CATALOG_PATH.read_text()), data, mirror_data.bind_values(SCHEMA, data), TODAY)
 
 
 def run_cli(*args, timeout=300):
@@ -92,7 +108,7 @@ def test_mirror_cases(mirror, sql, status, detail):
                                          ("VARCHAR2(240)", "VARCHAR"), ("DATE", "DATE"),
                                          ("TIMESTAMP(6)", "TIMESTAMP"), ("CLOB", "VARCHAR")])
 def test_duckdb_types(oracle, duck):
-    assert ev.duckdb_type(oracle) == duck
+    assert duckdb_type(oracle) == duck
 
 
 # ----------------------------------------------------------------------------------- --predictions end to end
@@ -155,13 +171,14 @@ def test_predictions_end_to_end(pred_inputs, tmp_path):
     assert t["exact_match"] == {"first": 0.25, "final": 0.375}
     assert (t["retry_rate"], t["retried"], t["retry_success"]) == (0.125, 1, 1.0)
     assert t["explain"]["error"] == 1 and t["explain"]["clean"] == 3
-    assert report["config"]["explain_backend"] == "DuckDB mirror (embedded default)"
+    assert report["config"]["explain_backend"] == "DuckDB mirror (embedded default, empty tables)"
     assert rows["ebs-0008"]["attempts"][0]["explain"]["status"] == "error"
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "EXPLAIN backend: DuckDB mirror (embedded default)" in md and "| ebs-0008 |" in md
+    assert "DuckDB mirror (embedded default, empty tables)" in md and "| ebs-0008 |" in md
+    assert t["execution"]["rate"] is None and rows["ebs-0001"]["exec_match"] is None
     png = (tmp_path / "out" / "failure_categories.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
-    assert "EXPLAIN backend" in r.stdout
+    assert "backend: DuckDB mirror" in r.stdout
 
 
 def test_threshold_failure_exits_1_and_names_it(pred_inputs, tmp_path):
@@ -245,6 +262,185 @@ def test_dsn_host_label(dsn, host):
 def test_percentile_is_nearest_rank():
     assert ev.percentile([10, 20, 30, 40], 50) == 20 and ev.percentile([10, 20, 30, 40], 95) == 40
     assert ev.percentile([None], 50) is None
+
+
+# ------------------------------------------------------------------------------- synthetic rows + execution
+def test_synthetic_rows_are_deterministic_and_join():
+    sqls = [r["sql"] for r in RAW]
+    a = mirror_data.synthetic_rows(SCHEMA, seed=0, today=TODAY, sqls=sqls)
+    assert a == mirror_data.synthetic_rows(SCHEMA, seed=0, today=TODAY, sqls=sqls)
+    assert a != mirror_data.synthetic_rows(SCHEMA, seed=1, today=TODAY, sqls=sqls)
+    inv, sup, ou = a["AP_INVOICES_ALL"], a["AP_SUPPLIERS"], a["HR_OPERATING_UNITS"]
+    col = lambda d, c: [r[d["columns"].index(c)] for r in d["rows"]]  # noqa: E731
+    assert set(col(inv, "VENDOR_ID")) <= set(col(sup, "VENDOR_ID"))  # keys that join
+    assert len(set(col(sup, "VENDOR_ID"))) == len(sup["rows"])  # generated keys are unique
+    assert set(col(inv, "ORG_ID")) == set(col(ou, "ORGANIZATION_ID")) and len(ou["rows"]) == 3
+    assert mirror_data.bind_values(SCHEMA, a)["org_ids"] == col(ou, "ORGANIZATION_ID")[:2]  # one unit outside
+    years = {d.year for d in col(inv, "INVOICE_DATE") if d}
+    assert {TODAY.year - 3, TODAY.year - 2, TODAY.year} <= years  # dates over years
+    assert set(col(inv, "INVOICE_TYPE_LOOKUP_CODE")) - {None} == {"STANDARD", "CREDIT", "DEBIT", "PREPAYMENT"}
+    assert {"Acme Corp", "Global Office Supplies"} <= set(col(sup, "VENDOR_NAME"))  # literals of the gold SQL
+    assert set(col(a["AP_PAYMENT_SCHEDULES_ALL"], "HOLD_FLAG")) - {None} == {"Y", "N"}
+
+
+def test_gold_queries_mostly_return_rows(data_mirror):
+    results = {r["id"]: data_mirror.execute(r["sql"]) for r in RAW}
+    failed = {i: (x["status"], x["detail"]) for i, x in results.items() if x["status"] != "ok"}
+    nonempty = sum(1 for x in results.values() if x["status"] == "ok" and x["rows"])
+    print(f"\ngold queries with rows on the synthetic mirror: {nonempty}/{len(RAW)}; not executed: {failed}")
+    assert len(failed) <= 3, failed
+    assert nonempty / len(RAW) >= 0.8
+
+
+def _result(mirror, sql):
+    r = mirror.execute(sql)
+    assert r["status"] == "ok", r
+    return r
+
+
+# (name, prediction built from the gold, expected exec match)
+REWRITES = [
+    ("gold itself", lambda g: g, True),
+    ("wrapped in SELECT * FROM (...)", lambda g: f"SELECT * FROM ({g})", True),
+    ("COUNT(*) of the gold", lambda g: f"SELECT COUNT(*) FROM ({g})", False),
+    ("changed filter", lambda g: g.replace("PAYMENT_STATUS_FLAG = 'N'", "PAYMENT_STATUS_FLAG = 'Y'"), False),
+    ("MOAC filter to another unit", lambda g: g.replace("I.ORG_ID IN (:org_ids)", "I.ORG_ID NOT IN (:org_ids)"),
+     False),
+]
+
+
+@pytest.mark.parametrize("make,expected", [c[1:] for c in REWRITES], ids=[c[0] for c in REWRITES])
+def test_execution_match_rewrites(data_mirror, make, expected):
+    gold = BY_ID["ebs-0001"]["sql"]
+    ordered = cand.ordered_comparison(BY_ID["ebs-0001"]["question"], gold)
+    match, reason = cand.compare_results(_result(data_mirror, gold), data_mirror.execute(make(gold)), ordered)
+    assert match is expected, reason
+
+
+def test_comparison_rules():
+    res = lambda cols, rows: {"status": "ok", "columns": cols, "rows": rows, "detail": ""}  # noqa: E731
+    gold = res(["A", "B"], [["x", 1], ["y", 2.5]])
+    assert cand.compare_results(gold, res(["P", "Q"], [["y", 2.5000000000001], ["x", 1.0]]))[0] is True
+    assert cand.compare_results(gold, res(["B", "A"], [[1, "x"], [2.5, "y"]])) == (False, "different rows")
+    assert cand.compare_results(gold, res(["A", "B"], [["y", 2.5], ["x", 1]]), ordered=True)[1] == \
+        "same rows in another order (the question asks for an order)"
+    assert cand.compare_results(gold, res(["A", "B"], [["x", 1], ["x", 1], ["y", 2.5]]))[0] is False  # multiset
+    assert cand.compare_results(gold, None) == (False, "no SQL answer (rejected or empty)")
+    assert cand.compare_results({"status": "error", "detail": "x", "rows": None, "columns": None}, gold)[0] is None
+    assert cand.ordered_comparison("What are the 10 largest invoices?", BY_ID["ebs-0004"]["sql"])
+    assert not cand.ordered_comparison("How many unpaid invoices does each supplier have?", BY_ID["ebs-0001"]["sql"])
+
+
+SLOW_SQL = ("SELECT SUM(A.INVOICE_AMOUNT * B.INVOICE_AMOUNT + C.INVOICE_AMOUNT * D.INVOICE_AMOUNT) FROM "
+            "AP_INVOICES_ALL A, AP_INVOICES_ALL B, AP_INVOICES_ALL C, AP_INVOICES_ALL D WHERE A.ORG_ID IN (:org_ids) "
+            "AND B.ORG_ID IN (:org_ids) AND C.ORG_ID IN (:org_ids) AND D.ORG_ID IN (:org_ids)")
+
+
+def test_timeout_and_row_cap_are_results_not_hangs(data_mirror):
+    import time
+    t0 = time.perf_counter()
+    r = data_mirror.execute(SLOW_SQL, timeout_s=1.0)
+    assert r["status"] == "timeout" and time.perf_counter() - t0 < 10, r
+    big = data_mirror.execute("SELECT I.INVOICE_ID FROM AP_INVOICES_ALL I", row_cap=50)
+    assert big["status"] == "too_many_rows" and big["rows"] is None and "more than 50 rows" in big["detail"]
+    gold = _result(data_mirror, BY_ID["ebs-0001"]["sql"])
+    assert cand.compare_results(gold, r) == (False, "prediction timeout: no result within 1s")
+    assert cand.compare_results(gold, big)[0] is False
+
+
+def test_candidate_selection_picks_the_majority(data_mirror):
+    catalog = json.loads(CATALOG_PATH.read_text())
+    gold = BY_ID["ebs-0001"]["sql"]
+    texts = [("DELETE FROM AP_INVOICES_ALL WHERE ORG_ID IN (:org_ids)", -0.1),   # rejected by the guardrail
+             (gold.replace("'N'", "'Y'"), -0.5),                                   # most probable executable
+             (f"SELECT * FROM ({gold})", -3.0), (gold, -2.0)]                       # the majority: same result
+    cands = [{"text": t, "logprob": lp, "verdict": check_sql(t, catalog=catalog)} for t, lp in texts]
+    assert [c["verdict"]["ok"] for c in cands] == [False, True, True, True]
+    sel = cand.select_candidate(cands, data_mirror.execute)
+    assert (sel["index"], sel["votes"], sel["groups"]) == (3, 2, 2), sel
+    # a tie (one vote each) goes to the higher log-probability
+    sel = cand.select_candidate(cands[:3], data_mirror.execute)
+    assert sel["index"] == 1 and "tied" in sel["reason"], sel
+    assert cand.select_candidate(cands[:1], data_mirror.execute)["index"] is None
+
+
+EX_PREDICTIONS = {  # id -> (prediction, expected exec match of the final answer)
+    "ebs-0001": ({"text": BY_ID["ebs-0001"]["sql"]}, True),
+    "ebs-0002": ({"text": f"SELECT * FROM ({BY_ID['ebs-0002']['sql']})"}, True),
+    "ebs-0005": ({"text": f"SELECT COUNT(*) FROM ({BY_ID['ebs-0005']['sql']})"}, False),
+    "ebs-0010": ({"text": BY_ID["ebs-0010"]["sql"].replace("HOLD_FLAG = 'Y'", "HOLD_FLAG = 'N'")}, False),
+    "ebs-0018": ({"text": "DELETE FROM AP_HOLDS_ALL WHERE ORG_ID IN (:org_ids)"}, False),
+    "ebs-0037": ({"text": SLOW_SQL}, False),
+}
+
+
+@pytest.fixture(scope="module")
+def ex_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ex")
+    (d / "eval.json").write_text(json.dumps(eval_set([BY_ID[i] for i in EX_PREDICTIONS])))
+    (d / "gold.jsonl").write_text("".join(json.dumps({"id": i, "text": BY_ID[i]["sql"]}) + "\n"
+                                          for i in EX_PREDICTIONS))
+    (d / "pred.jsonl").write_text("".join(json.dumps({"id": i, **p[0]}) + "\n" for i, p in EX_PREDICTIONS.items()))
+    return d
+
+
+def ex_run(d, preds, out, *extra):
+    return run_cli("--eval_data", d / "eval.json", "--catalog", CATALOG_PATH, "--schema", SCHEMA_PATH,
+                   "--predictions", d / preds, "--today", TODAY.isoformat(), "--exec_timeout", "2",
+                   "--out_dir", out, *extra)
+
+
+def test_gold_as_predictions_matches_100_percent(ex_inputs, tmp_path):
+    r = ex_run(ex_inputs, "gold.jsonl", tmp_path / "out", "--min_execution_match", "1")
+    assert r.returncode == 0, r.stderr + r.stdout
+    e = json.loads((tmp_path / "out" / "report.json").read_text())["totals"]["execution"]
+    assert (e["matched"], e["decided"], e["rate"], e["gold_nonempty"]) == (6, 6, 1.0, 1.0), e
+    assert e["backend"].startswith("DuckDB mirror (embedded default, synthetic rows seed 0, today 2026-12-01")
+
+
+def test_execution_match_end_to_end_and_gate(ex_inputs, tmp_path):
+    r = ex_run(ex_inputs, "pred.jsonl", tmp_path / "out", "--min_execution_match", "0.5")
+    assert r.returncode == 1, r.stderr + r.stdout
+    assert "threshold failed: --min_execution_match 0.5 (measured 0.3333)" in r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = {row["id"]: row for row in report["examples"]}
+    for i, (_, expected) in EX_PREDICTIONS.items():
+        assert rows[i]["exec_match"] is expected, (i, rows[i]["exec_reason"])
+    assert rows["ebs-0018"]["exec_reason"] == "no SQL answer (rejected or empty)"
+    assert rows["ebs-0037"]["exec_reason"] == "prediction timeout: no result within 2s"
+    e = report["totals"]["execution"]
+    assert (e["matched"], e["decided"], e["executed"]) == (2, 6, 4), e
+    md_text = (tmp_path / "out" / "report.md").read_text()
+    assert "| **execution match (EX)** | 33.3% | 33.3% |" in md_text
+    assert "EX" in r.stdout and "33.3%" in r.stdout
+
+
+def test_candidates_offline_report_ex_at_1_and_selection(ex_inputs, tmp_path):
+    gold = BY_ID["ebs-0001"]["sql"]
+    lines = []
+    for i in EX_PREDICTIONS:
+        g = BY_ID[i]["sql"]
+        lines.append({"id": i, "text": f"SELECT COUNT(*) FROM ({g})",  # the greedy answer is wrong ...
+                      "candidates": [{"text": f"SELECT COUNT(*) FROM ({g})", "logprob": -0.2},
+                                     {"text": g, "logprob": -1.0}, {"text": f"SELECT * FROM ({g})", "logprob": -2.0}]})
+    (tmp_path / "cands.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = run_cli("--eval_data", ex_inputs / "eval.json", "--catalog", CATALOG_PATH, "--schema", SCHEMA_PATH,
+                "--predictions", tmp_path / "cands.jsonl", "--candidates", "3", "--today", TODAY.isoformat(),
+                "--out_dir", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    k = report["totals"]["candidates"]
+    assert (k["rate_at_1"], k["rate_selected"]) == (0.0, 1.0), k  # ... the majority of the samples is right
+    row = report["examples"][0]
+    assert row["selection"]["votes"] == 2 and row["exec_match_selected"] is True
+    assert "EX@1 0.0% -> with selection 100.0%" in r.stdout
+    assert gold  # the constructed case is built from the demo gold SQL
+
+
+def test_execution_needs_a_backend(ex_inputs, tmp_path):
+    r = run_cli("--eval_data", ex_inputs / "eval.json", "--catalog", CATALOG_PATH, "--predictions",
+                ex_inputs / "gold.jsonl", "--min_execution_match", "0.5", "--out_dir", tmp_path / "out")
+    assert r.returncode == 2 and "give --schema" in r.stderr and r.stderr.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------ live (real vLLM)

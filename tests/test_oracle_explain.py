@@ -189,3 +189,19 @@ def test_real_oracle_explain_maps_errors(sql, code):
     dsn, user, password = _real()
     reasons = ox.explain_oracle(sql, dsn, user, password, 10)
     assert len(reasons) == 1 and code in reasons[0] and reasons[0].startswith("Oracle rejected the query")
+
+
+def test_list_binds_expand_for_execution():
+    from oracle_explain import expand_list_binds
+    sql, flat = expand_list_binds("SELECT I.INVOICE_NUM FROM AP_INVOICES_ALL I WHERE I.ORG_ID IN (:org_ids) "
+                                  "AND I.VENDOR_ID = :vendor", {"ORG_IDS": [204, 205], "vendor": 7})
+    assert "IN (:org_ids_0, :org_ids_1)" in sql and flat == {"org_ids_0": 204, "org_ids_1": 205, "vendor": 7}
+    with pytest.raises(StageError, match="outside IN"):
+        expand_list_binds("SELECT :org_ids FROM DUAL", {"org_ids": [1, 2]})
+
+
+def test_execute_on_unreachable_oracle_is_one_clear_error():
+    from oracle_explain import execute_oracle
+    with pytest.raises(StageError, match="cannot connect to Oracle DSN 127.0.0.1:9/EBSSTG") as e:
+        execute_oracle("SELECT 1 FROM DUAL", "127.0.0.1:9/EBSSTG", "guard", "s3cret-pw", 3)
+    assert "s3cret-pw" not in str(e.value)

@@ -2,6 +2,9 @@
 statement: a read-only transaction, a connect deadline and a call timeout, ORA- errors mapped to feedback the model
 can act on, infrastructure errors (login, listener, timeout) raised as one clear StageError. Credentials are never
 printed. Called by sql_guardrail.check_sql(explain={...}) when layers 1-4 passed.
+
+execute_oracle is the eval's execution-accuracy path on the same staging database: the query runs in a READ ONLY
+transaction with the same call timeout, at most row_cap + 1 rows are fetched, and the transaction is rolled back.
 """
 import re
 import sys
@@ -143,6 +146,77 @@ def explain_oracle(sql, dsn, user, password, timeout_s) -> list:
         return [map_oracle_error(scrub(e), timeout_s)]
     finally:
         # The plan rows go with the rollback; a dead link at the end must not mask the verdict.
+        for end in (conn.rollback, conn.close):
+            try:
+                end()
+            except oracledb.Error:
+                pass
+
+
+# ------------------------------------------------------------------------------- execute-and-fetch (eval EX)
+def expand_list_binds(sql, binds):
+    """`COL IN (:org_ids)` with a list value -> `COL IN (:org_ids_0, :org_ids_1)` and the flat bind dict.
+
+    Oracle binds one scalar per placeholder; the eval's MOAC bind is a list of operating units."""
+    import sqlglot
+    from sqlglot import exp
+    binds = {k.lower(): v for k, v in (binds or {}).items()}
+    tree = sqlglot.parse_one(sql, read="oracle")
+    flat = {}
+    for ph in list(tree.find_all(exp.Placeholder)):
+        value = binds.get(ph.name.lower())
+        if isinstance(value, (list, tuple)):
+            if not isinstance(ph.parent, exp.In):
+                raise StageError(f"list bind :{ph.name} used outside IN (...)")
+            names = [f"{ph.name.lower()}_{i}" for i in range(len(value))]
+            flat.update(zip(names, value))
+            rest = [e for e in ph.parent.expressions if e is not ph]
+            ph.parent.set("expressions", rest + [exp.Placeholder(this=n) for n in names])
+        else:
+            flat[ph.name.lower()] = value
+    return tree.sql(dialect="oracle"), flat
+
+
+def execute_oracle(sql, dsn, user, password, timeout_s, row_cap=10000, binds=None) -> dict:
+    """Run a query on a staging Oracle: read-only transaction, call timeout, at most row_cap + 1 rows fetched.
+
+    Returns the execution-result shape of duckdb_explain.DuckDBMirror.execute: {status: ok|error|timeout|
+    too_many_rows, columns, rows, detail, elapsed_ms}. Connection/account problems raise StageError.
+    """
+    import time
+    import oracledb
+    t0 = time.perf_counter()
+    params, call_timeout_ms = explain_connect_params(dsn, user, timeout_s)
+    text, flat = expand_list_binds(sql, binds)
+
+    def scrub(e):
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__]
+        out = " / ".join(line.strip() for line in lines if line.strip())[:500]
+        return out.replace(password, "***") if password else out
+
+    def done(status, detail="", columns=None, rows=None):
+        return {"status": status, "detail": detail, "columns": columns, "rows": rows,
+                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    conn = _connect_with_deadline(oracledb, params, password, timeout_s, scrub)
+    try:
+        conn.call_timeout = call_timeout_ms
+        cur = conn.cursor()
+        cur.execute("SET TRANSACTION READ ONLY")
+        cur.arraysize = min(row_cap + 1, 1000)
+        cur.prepare(text)
+        cur.execute(None, {name: flat.get(name.lower()) for name in cur.bindnames()})
+        rows = cur.fetchmany(row_cap + 1)
+        columns = [d[0] for d in cur.description or []]
+        if len(rows) > row_cap:
+            return done("too_many_rows", f"more than {row_cap} rows", columns)
+        return done("ok", "", columns, [list(r) for r in rows])
+    except oracledb.Error as e:
+        if _is_infra(e):
+            raise StageError(f"query on {dsn} failed for a reason unrelated to the query: {scrub(e)}") from None
+        timed_out = re.search(r"\b(DPY-4024|ORA-01013)\b", str(e)) or "call timeout" in str(e).lower()
+        return done("timeout" if timed_out else "error", map_oracle_error(scrub(e), timeout_s))
+    finally:
         for end in (conn.rollback, conn.close):
             try:
                 end()
