@@ -14,22 +14,23 @@ CACHE := $(CURDIR)/.cache
 RUNS ?= runs
 TINY := $(CACHE)/tiny-llama
 
-# Air-gapped by construction: nothing downloads models or data at run time.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export HF_HOME := $(CACHE)/hf
-export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
-export VLLM_CACHE_ROOT := $(CACHE)/vllm
-export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
-export TOKENIZERS_PARALLELISM := false
-# OpenMP threads that spin-wait starve every other process on a small shared box (seen: 9 s -> 0.2 s per generation).
-export OMP_WAIT_POLICY := PASSIVE
-export PYTHONDONTWRITEBYTECODE := 1
+# One environment for every stage, shared with tests/conftest.py, inference/serve.py and the stage scripts run by
+# hand (stage_env.py): offline flags, caches under .cache/, OMP and tokenizer threads. `NAME := v` is always set,
+# `NAME ?= v` only when the environment does not already have NAME.
+ROOT := $(CURDIR)
+ENV_FILE := $(PKG)/config/offline.env
+include $(ENV_FILE)
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\) *[:?]=.*/\1/p' $(ENV_FILE))
 # Where pip finds the local CPU torch wheel on this kind of machine (harmless elsewhere).
 ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
+
+# ---- contracts: data files and helpers that several stages read. Every stage that reads one depends on all of them,
+# so changing a guardrail rule, the policy, the prompt template or the builder rebuilds what was made with the old one.
+CONTRACTS := $(PKG)/prompts/oracle_nl2sql_v1.jinja $(PKG)/prompting.py $(PKG)/inference/sql_guardrail.py \
+  $(wildcard $(PKG)/inference/guardrail/*.py) $(PKG)/inference/guardrail_policy.yaml \
+  $(PKG)/build_oracle_sft_dataset.py $(wildcard $(PKG)/retrieve_context.py)
 
 # ---- demo pipeline settings (override on the command line) --------------------------------------------------
 DATA := $(RUNS)/data
@@ -46,12 +47,13 @@ SERVE_MODEL ?= $(QUANT)
 VLLM_CONFIG ?= $(PKG)/inference/vllm_config_cpu.yaml
 XIYAN_ROOT ?=
 
-.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test clean-runs wheelhouse \
+.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test test-fast clean-runs wheelhouse \
   install-offline install-into-xiyan
 
 help:
 	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
 	@echo "make test      the test suite (creates both environments and the tiny model first)"
+	@echo "make test-fast the tests not marked slow: the inner loop while editing"
 	@echo "make dataset | train | package | serve | eval | bench       one stage at a time (see README)"
 	@echo "make wheelhouse / install-offline WHEELHOUSE=DIR           air-gapped install"
 	@echo "make install-into-xiyan XIYAN_ROOT=DIR                     copy the add-on into a XiYan checkout"
@@ -79,13 +81,13 @@ tiny: $(TINY)/config.json
 HOLDOUT_FRACTION ?= 0.1
 SPLIT_SEED ?= 0
 $(TINY)/config.json: $(VENV)/.installed $(PKG)/demo/make_tiny_llama.py $(PKG)/demo/ebs_schema.json \
-    $(PKG)/demo/llama3_chat_template.jinja $(PKG)/demo/raw_questions.jsonl
+    $(PKG)/demo/llama3_chat_template.jinja $(PKG)/demo/raw_questions.jsonl $(CONTRACTS)
 	$(PY) $(PKG)/demo/make_tiny_llama.py --out $(TINY) --holdout_fraction $(HOLDOUT_FRACTION) \
 	  --split_seed $(SPLIT_SEED) --force
 
 # ---- stage 1: dataset ------------------------------------------------------------------------------------------
 dataset: $(SFT)
-$(SFT): $(TINY)/config.json $(PKG)/demo/raw_questions.jsonl $(PKG)/demo/ebs_catalog.json $(PKG)/build_oracle_sft_dataset.py $(PKG)/prompts/oracle_nl2sql_v1.jinja
+$(SFT): $(TINY)/config.json $(PKG)/demo/raw_questions.jsonl $(PKG)/demo/ebs_catalog.json $(CONTRACTS)
 	$(PY) $(PKG)/build_oracle_sft_dataset.py --input_raw $(PKG)/demo/raw_questions.jsonl --output_sft $(SFT) \
 	  --dataset_id ebs_demo_v1 --catalog $(PKG)/demo/ebs_catalog.json --catalog_out $(CATALOG) \
 	  --tokenizer $(BASE_MODEL) --model_max_length 2048 --max_output_tokens 512 \
@@ -103,7 +105,8 @@ MAX_LEN ?= 2048
 TRAIN_ARGS ?= --num_train_epochs 12 --learning_rate 5e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
   --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
 train: $(ADAPTER)/adapter_model.safetensors
-$(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
+$(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py $(ACCEL_CONFIG) $(CONTRACTS)
+	@test -f $(DS_JSON) || { echo "error: DeepSpeed config $(DS_JSON) not found$(if $(XIYAN_ROOT), (XIYAN_ROOT=$(XIYAN_ROOT) has no train/config/dp_zero3.json),)" >&2; exit 2; }
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --deepspeed_config_file $(DS_JSON) \
 	  $(PKG)/sft_oracle_llama70b_lora.py --model_name_or_path $(BASE_MODEL) --data_path $(SFT) \
 	  --output_dir $(ADAPTER) --model_max_length $(MAX_LEN) --use_lora True --q_lora False \
@@ -113,7 +116,8 @@ $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py
 CALIB_SAMPLES ?= 64
 CALIB_MAX_LEN ?= 1024
 package: $(QUANT)/oracle_manifest.json
-$(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/package_oracle_model.py $(PKG)/lora_merge.py
+$(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/package_oracle_model.py $(PKG)/lora_merge.py \
+    $(wildcard $(PKG)/config/quant_$(QUANT_METHOD)_w4a16.yaml) $(CONTRACTS)
 	$(PY) $(PKG)/package_oracle_model.py --base_model $(BASE_MODEL) --lora_adapter $(ADAPTER) \
 	  --merged_out $(MERGED) --quant_out $(QUANT) --quant_method $(QUANT_METHOD) --calib_data $(SFT) \
 	  --num_calib_samples $(CALIB_SAMPLES) --calib_max_seq_len $(CALIB_MAX_LEN) --group_size 128 --force
@@ -126,7 +130,8 @@ serve: $(SERVE_VENV)/.installed
 EVAL_ARGS ?= --max_unsafe_rate 0 --max_security_violation_rate 0
 eval:
 	$(PY) $(PKG)/eval_oracle_nl2sql.py --eval_data $(HOLDOUT) --base_url http://127.0.0.1:$(PORT) \
-	  --model oracle-ebs-sql --catalog $(CATALOG) --concurrency 4 --out_dir $(RUNS)/eval/holdout $(EVAL_ARGS)
+	  --model oracle-ebs-sql --catalog $(CATALOG) --schema $(PKG)/demo/ebs_schema.json --concurrency 4 \
+	  --out_dir $(RUNS)/eval/holdout $(EVAL_ARGS)
 
 # ---- the whole pipeline on CPU with the tiny LLaMA -----------------------------------------------------------------
 # The learned-model gate: share of 10 training questions whose gold SQL the 4-bit model reproduces via vLLM.
@@ -162,12 +167,17 @@ install-offline:
 # ---- install into a XiYan-SQLTraining checkout (adds files, never overwrites) -----------------------------------
 install-into-xiyan:
 	@test -n "$(XIYAN_ROOT)" || { echo "error: give XIYAN_ROOT=/path/to/XiYan-SQLTraining" >&2; exit 2; }
-	$(PYTHON3) $(PKG)/install_into_xiyan.py --xiyan_root $(XIYAN_ROOT)
+	$(PYTHON3) $(PKG)/install_into_xiyan.py --xiyan_root $(XIYAN_ROOT) --venv $(abspath $(VENV)) \
+	  --serve_venv $(abspath $(SERVE_VENV))
 
 # ---- tests -------------------------------------------------------------------------------------------------------
 # pytest's exit code 5 (no tests collected) fails the target like any other failure.
 test: venv venv-serve tiny
 	$(PY) -m pytest tests -ra
+
+# The inner loop while editing: everything not marked slow (no DeepSpeed run, no llm-compressor, no vLLM server).
+test-fast: venv tiny
+	$(PY) -m pytest tests -m "not slow" -q -ra
 
 clean-runs:
 	rm -rf $(RUNS)

@@ -18,12 +18,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import HfArgumentParser, Trainer, TrainerCallback
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import stage_env  # noqa: E402
+stage_env.apply()  # offline flags, caches (DeepSpeed's op builds), OMP: before torch loads; user settings win
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import HfArgumentParser, Trainer, TrainerCallback  # noqa: E402
 
 from artifacts import StageError, atomic_write_json, library_versions, sha256_file  # noqa: E402
 from prompting import template_sha256  # noqa: E402
@@ -263,7 +265,17 @@ def check_output_dir(targs: TrainingArguments) -> None:
         raise StageError(f"{out} is not empty: pass --resume True to continue or --overwrite_output_dir True")
 
 
+def check_deepspeed_config(environ=os.environ) -> None:
+    """The DeepSpeed JSON `accelerate launch` passes on must exist (a relative path is from the working directory),
+    else DeepSpeed fails later with a traceback. XiYan's JSON is train/config/dp_zero3.json from the XiYan root."""
+    path = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none" and not Path(path).is_file():
+        raise StageError(f"DeepSpeed config {path} not found (from {Path.cwd()}): run from the XiYan root, or give "
+                         f"--deepspeed_config_file custom_oracle_llama/config/dp_zero3.json to accelerate launch")
+
+
 def parse_args(argv=None):
+    check_deepspeed_config()
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
     if margs.enable_dialect_router:

@@ -1,5 +1,4 @@
-"""Shared test fixtures: the scripts' folders on sys.path, the real tiny LLaMA fixture, offline settings."""
-import os
+"""Shared test fixtures: the scripts' folders on sys.path, the real tiny LLaMA fixture, the stage environment."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "custom_oracle_llama"
 sys.path[:0] = [str(PKG), str(PKG / "inference"), str(PKG / "demo")]
 CACHE = ROOT / ".cache"
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "HF_HOME": str(CACHE / "hf"), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"),
-                   "VLLM_CACHE_ROOT": str(CACHE / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor"),
-                   "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}.items():
-    os.environ.setdefault(key, value)
+import stage_env  # noqa: E402
+stage_env.apply()  # the Makefile's environment (config/offline.env): offline flags, caches, OMP, tokenizer threads
 SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
 
 
@@ -26,11 +22,11 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """The real tiny LLaMA-3 fixture, built once by `make tiny` (or here, if missing)."""
+    """The real tiny LLaMA-3 fixture, built by `make tiny` (a prerequisite of `make test` and `make test-fast`).
+    Not built here: the Makefile holds its settings, and two sessions building it at once would race."""
     out = CACHE / "tiny-llama"
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, str(PKG / "demo" / "make_tiny_llama.py"), "--out", str(out), "--force"],
-                       check=True)
+        pytest.fail(f"the tiny model {out} is not built: run `make tiny` (about 4 minutes), or `make test-fast`")
     return out
 
 

@@ -20,7 +20,6 @@ from serve import running_server
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_SCRIPT = ROOT / "custom_oracle_llama" / "inference" / "serve.py"
 CPU_YAML = ROOT / "custom_oracle_llama" / "inference" / "vllm_config_cpu.yaml"
-CACHE = ROOT / ".cache"
 STARTUP_TIMEOUT_S = 300
 # Figures worth reading in CI logs (startup time, RSS drift, queueing), printed at the end of the session.
 REPORT: dict[str, str] = {}
@@ -43,8 +42,7 @@ def served_name(config=CPU_YAML) -> str:
 @contextlib.contextmanager
 def vllm_server(model_dir, log_path, config=CPU_YAML, extra_args=("--enforce-eager",), env=None):
     """serve.running_server (the launcher `make serve` uses), with a start-up failure as a test failure."""
-    run_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(CACHE / "vllm"),
-               "TORCHINDUCTOR_CACHE_DIR": str(CACHE / "inductor"), "HF_HOME": str(CACHE / "hf"), **(env or {})}
+    run_env = {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}  # caches etc.: conftest applied config/offline.env
     try:
         server = running_server(model_dir, config, log_path, extra_args, run_env, STARTUP_TIMEOUT_S)
         info = server.__enter__()

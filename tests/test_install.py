@@ -93,3 +93,87 @@ def test_wheelhouse_then_offline_install(tmp_path):
     check = subprocess.run([str(serve / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0 and check.stdout.strip().splitlines()[-1] == "0.32.0", check.stderr[-2000:]
+
+
+# ---- the site's environment: config/offline.env for every stage, config/site.env for where the venvs live --------
+def test_makefile_and_stage_env_read_the_same_file():
+    """One environment file: what `make` exports equals what stage_env.apply() sets (tests, serve.py, scripts)."""
+    import stage_env
+    names = [name for name, _, _ in stage_env.read_env_file(stage_env.ENV_FILES[0])]
+    clean = {k: v for k, v in os.environ.items() if k not in names}
+    r = subprocess.run(["make", "-s", "--eval", "print-env: ; @env", "print-env"], cwd=ROOT, env=clean,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    from_make = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    from_python = {}
+    stage_env.apply(from_python, files=stage_env.ENV_FILES[:1])
+    assert {k: from_make.get(k) for k in names} == from_python
+    assert from_python["HF_HUB_OFFLINE"] == "1" and from_python["TORCH_EXTENSIONS_DIR"] == str(ROOT / ".cache" /
+                                                                                              "torch_extensions")
+
+
+def test_stage_env_forces_offline_and_keeps_user_settings(tmp_path):
+    import stage_env
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": "/site/hf", "OMP_WAIT_POLICY": "ACTIVE"}
+    changed = stage_env.apply(env, root=tmp_path)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"] == "/site/hf" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert env["TORCH_EXTENSIONS_DIR"] == f"{tmp_path}/.cache/torch_extensions" and "HF_HOME" not in changed
+    bad = tmp_path / "bad.env"
+    bad.write_text("export HF_HOME=/x\n")
+    with pytest.raises(ValueError, match=r"bad.env:1: expected NAME := value"):
+        stage_env.apply({}, files=[bad])
+
+
+def test_install_records_the_environments_and_serve_finds_vllm_from_the_xiyan_root(tmp_path):
+    """From the XiYan root, serve.py finds the vLLM python install_into_xiyan recorded (no --vllm_python)."""
+    xiyan, venv, serve_venv = tmp_path / "XiYan-SQLTraining", tmp_path / "envs" / "venv", tmp_path / "envs" / "serve"
+    xiyan.mkdir()
+    fake_xiyan(xiyan)
+    (serve_venv / "bin").mkdir(parents=True)
+    recorder = serve_venv / "bin" / "python"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.argv"\nenv > "$0.env"\n')
+    recorder.chmod(0o755)
+    r = install(xiyan, "--venv", venv, "--serve_venv", serve_venv)
+    assert r.returncode == 0 and "recorded the environments" in r.stdout, r.stderr
+    assert f"{venv} has no bin/python yet" in r.stderr   # recorded anyway, with a warning
+    site = (xiyan / "custom_oracle_llama" / "config" / "site.env").read_text()
+    assert f"NL2SQL_VENV ?= {venv}\n" in site and f"NL2SQL_SERVE_VENV ?= {serve_venv}\n" in site
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes((PKG / "demo" / "llama33_70b_config.json").read_bytes())
+    import stage_env
+    set_by_us = {name for name, _, _ in stage_env.read_env_file(stage_env.ENV_FILES[0])}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NL2SQL_") and k not in set_by_us}  # a new shell
+    r = subprocess.run([sys.executable, "custom_oracle_llama/inference/serve.py", "--model", str(model), "--config",
+                        "custom_oracle_llama/inference/vllm_config.yaml"], cwd=xiyan, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    argv = (serve_venv / "bin" / "python.argv").read_text().splitlines()
+    assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    served_env = dict(line.split("=", 1) for line in (serve_venv / "bin" / "python.env").read_text().splitlines()
+                      if "=" in line)
+    assert served_env["VLLM_CACHE_ROOT"] == str(xiyan / ".cache" / "vllm")   # the XiYan root's .cache, not ~
+    again = install(xiyan)   # re-install: the record is not a conflict
+    assert again.returncode == 0, again.stderr
+    assert not (PKG / "config" / "site.env").exists(), "the record lives in the XiYan copy only"
+
+
+def test_missing_deepspeed_config_is_one_line(tmp_path):
+    """What `accelerate launch` hands the script when run from the wrong folder: one error line, no traceback."""
+    r = subprocess.run([sys.executable, str(PKG / "sft_oracle_llama70b_lora.py"), "--model_name_or_path", "m",
+                        "--data_path", "d.json", "--output_dir", str(tmp_path / "o")], cwd=tmp_path,
+                       env={**os.environ, "ACCELERATE_DEEPSPEED_CONFIG_FILE": "train/config/dp_zero3.json"},
+                       capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and errors == [
+        f"error: DeepSpeed config train/config/dp_zero3.json not found (from {tmp_path}): run from the XiYan root, "
+        "or give --deepspeed_config_file custom_oracle_llama/config/dp_zero3.json to accelerate launch"], r.stderr
+
+
+def test_make_train_with_a_wrong_xiyan_root_is_one_line(tmp_path):
+    r = subprocess.run(["make", "-s", "train", f"RUNS={tmp_path}", f"XIYAN_ROOT={tmp_path}", "-o",
+                        f"{tmp_path}/data/ebs_sft.json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[0] == (
+        f"error: DeepSpeed config {tmp_path}/train/config/dp_zero3.json not found (XIYAN_ROOT={tmp_path} has no "
+        "train/config/dp_zero3.json)"), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "adapter").exists()

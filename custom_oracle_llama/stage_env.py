@@ -1,0 +1,46 @@
+"""Every stage's environment, from config/offline.env (+ config/site.env when an install recorded one).
+
+    import stage_env; stage_env.apply()     # first thing in a stage script, before torch/transformers load
+
+`NAME := value` lines are always set (offline flags), `NAME ?= value` lines only when the environment has no NAME
+(a user's HF_HOME or OMP_WAIT_POLICY wins). $(ROOT) is the folder holding custom_oracle_llama/. site.env is
+written by install_into_xiyan.py and records where the site's environments live (NL2SQL_VENV, NL2SQL_SERVE_VENV).
+The Makefile includes the same files, so `make <stage>` and a script run by hand see the same settings.
+"""
+import os
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent
+ROOT = PKG.parent
+ENV_FILES = (PKG / "config" / "offline.env", PKG / "config" / "site.env")
+LINE = re.compile(r"^([A-Z_][A-Z0-9_]*)\s*(:=|\?=)\s*(.*?)\s*$")
+
+
+def read_env_file(path, root=ROOT) -> list[tuple[str, str, str]]:
+    """-> [(name, ':=' or '?=', value)]; a line that is neither a comment nor an assignment is an error."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = LINE.match(line)
+        value = m and m[3].replace("$(ROOT)", str(root))
+        if not m or "$(" in value:
+            raise ValueError(f"{path}:{n}: expected NAME := value or NAME ?= value (only $(ROOT) expands): {line}")
+        out.append((m[1], m[2], value))
+    return out
+
+
+def apply(environ=None, files=ENV_FILES, root=ROOT) -> dict:
+    """Set the stage environment in `environ` (default os.environ); -> {name: value} of what it set."""
+    environ = os.environ if environ is None else environ
+    changed = {}
+    for path in files:
+        if not Path(path).is_file():
+            continue
+        for name, op, value in read_env_file(path, root):
+            if op == ":=" or name not in environ:
+                if environ.get(name) != value:
+                    changed[name] = value
+                environ[name] = value
+    return changed
