@@ -152,6 +152,18 @@ def make_backend(args, catalog, examples):
             "binds": binds}
 
 
+def retrieve_contexts(examples, args):
+    """--retrieve: each example's context from retrieve_context.py (what `ask` does for a bare question)."""
+    import retrieve_context as rc
+    index = rc.build_index(rc.load_schema(args.schema))
+    tokenizer = rc.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    for ex in examples:
+        try:
+            ex["context"] = rc.retrieve(index, ex["question"], tokenizer, args.max_context_tokens)
+        except StageError as e:  # e.g. "no relevant tables": the model is asked without context, and it shows
+            ex["context"], ex["retrieval_error"] = {}, str(e)
+
+
 def load_schema(path):
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -266,6 +278,7 @@ def evaluate_example(ex, run, backend):
     gold = sql_guardrail.normalized_sql(ex["sql"])
     lat = [a["latency_ms"] for a in attempts if a.get("latency_ms") is not None]
     row = {"id": ex["id"], "question": ex["question"], "gold_sql": ex["sql"], "tags": ex.get("tags", []),
+           "retrieval_error": ex.get("retrieval_error"),
            "retried": len(attempts) > 1, "ok_first": first["ok"], "ok_final": final["ok"],
            "exact_match_first": first["sql"] is not None and sql_guardrail.normalized_sql(first["sql"]) == gold,
            "exact_match_final": final["sql"] is not None and sql_guardrail.normalized_sql(final["sql"]) == gold,
@@ -481,6 +494,10 @@ def build_parser():
                                                     "CSV) for the hallucination check and the DuckDB mirror")
     p.add_argument("--schema", help="schema file (demo/ebs_schema.json shape): the DuckDB mirror is filled with "
                                     "synthetic rows generated from it, which enables execution match")
+    p.add_argument("--retrieve", action="store_true", help="question-only path: replace each example's context with "
+                                                         "the one retrieve_context.py builds from --schema")
+    p.add_argument("--tokenizer", help="tokenizer directory for --retrieve's token budget (default: a word count)")
+    p.add_argument("--max_context_tokens", type=int, default=2048, help="--retrieve's prompt budget (default 2048)")
     p.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (/v1 is added "
                                       "when missing; not with --predictions)")
     p.add_argument("--model", help="served model name (required with --base_url)")
@@ -532,6 +549,8 @@ def validate_args(args):
         v = getattr(args, flag)
         if v is not None and not 0 <= v <= 1:
             raise StageError(f"--{flag} must be between 0 and 1 (got {v})")
+    if args.retrieve and not args.schema:
+        raise StageError("--retrieve needs --schema (the schema file the contexts are retrieved from)")
     executes = bool(args.schema or args.oracle_dsn)
     if not executes and (args.candidates > 1 or args.min_execution_match is not None):
         raise StageError("--candidates and --min_execution_match execute queries: give --schema (DuckDB mirror with "
@@ -543,6 +562,8 @@ def run_eval(args):
     examples = load_eval_data(args.eval_data, args.limit)
     catalog = sql_guardrail.load_catalog(args.catalog)
     policy = sql_guardrail.load_policy(args.policy)
+    if args.retrieve:
+        retrieve_contexts(examples, args)
     preds = load_predictions(args.predictions, examples) if args.predictions else None
     if preds is not None and args.candidates > 1:
         short = [i for i, p in preds.items() if len(p.get("candidates", [])) < 1]
@@ -566,7 +587,7 @@ def run_eval(args):
         "config": {"eval_data": str(args.eval_data), "catalog": str(args.catalog), "schema": args.schema,
                    "policy": policy["_path"], "mode": "predictions file" if preds is not None else "live endpoint",
                    "base_url": args.base_url, "model": args.model or f"predictions:{Path(args.predictions).name}",
-                   "predictions": args.predictions, "concurrency": args.concurrency, "limit": args.limit,
+                   "predictions": args.predictions, "retrieve": args.retrieve, "concurrency": args.concurrency, "limit": args.limit,
                    "max_tokens": args.max_tokens, "backend": backend["name"], "explain_backend": backend["name"],
                    "binds": backend.get("binds") or parse_binds(args.bind), "seed": args.seed,
                    "row_cap": args.row_cap, "exec_timeout_s": args.exec_timeout, "candidates": args.candidates,
