@@ -44,7 +44,10 @@ from prompting import chat_messages, template_sha256  # noqa: E402
 DEFAULT_MAX_CONTEXT_TOKENS = 2048  # whole rendered prompt (rules + context + question), inside the 1.6k-4k RAG budget
 MIN_CONTEXT_TOKENS = 256           # below this not even the rules block fits
 MAX_TABLES = 5                     # ranked tables kept before bridges; EBS questions rarely need more than 4
-REL_CUTOFF = 0.45                  # keep a ranked table only if it scores >= this share of the best table
+REL_CUTOFF = 0.3                  # keep a ranked table only if it scores >= this share of the best table
+NAME_WEIGHT = 1.0                  # + this x best BM25 x share of the table's name words in the question
+NEIGHBOUR_CUTOFF = 0.1             # a join neighbour of a kept table joins if it scores >= this share of the best
+MAX_NEIGHBOURS = 2
 STEINER_RADIUS = 2                 # join hops searched around each chosen table for bridge tables
 HUB_DEGREE = 40                    # tables joined to more than this many (FND_USER, HR_OPERATING_UNITS, ...) are
                                    # reached but not expanded: they connect everything and explain nothing
@@ -56,6 +59,19 @@ SCHEMA_KEYS = {"description", "source", "tables", "joins", "synonyms", "security
 TABLE_KEYS = {"description", "columns", "primary_key"}
 COLUMN_KEYS = {"type", "description"}
 FILTER_KEYS = {"column", "predicate"}
+# EBS table-name words that do not say what a table holds: _ALL multi-org, _B base, _TL translated, _V/_VL views;
+# X_HEADERS is the table of the X entity itself (PO_HEADERS_ALL = purchase orders, GL_JE_HEADERS = journals)
+NAME_NOISE = frozenset({"all", "b", "tl", "vl", "v", "header"})
+# EBS vocabulary folded to one term in schema text and questions alike (module prefixes, R12 renames, abbreviations)
+PHRASES = {"purchase order": "po", "purchasing": "po", "general ledger": "gl", "journal entry": "je",
+           "journal": "je", "accounts payable": "ap", "payables": "ap", "accounts receivable": "ar",
+           "receivables": "ar", "receiving": "rcv", "receipt": "rcv", "vendor": "supplier", "org": "organization",
+           "paid": "payment", "pay": "payment", "qty": "quantity", "amt": "amount", "num": "number", "inventory": "mtl", "material": "mtl",
+           **{a: a for a in ("po", "je", "gl", "ap", "ar")},  # so that "POs" -> po
+           # GL period names (JAN-24) and quarters (Q1) are periods
+           **{f"{m}-\\d\\d": "period" for m in "jan feb mar apr may jun jul aug sep oct nov dec".split()},
+           **{f"q{n}": "quarter" for n in "1234"}}
+_PHRASE = re.compile(r"\b(" + "|".join(sorted(PHRASES, key=len, reverse=True)) + r")(e?s)?\b")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset("""a about all also an and any are as at be been by can could did do does each for from get give
 have how i in into is it its list me my of on or our per please show so than that the their them there these this
@@ -74,9 +90,15 @@ def fold(word: str) -> str:
     return word
 
 
+def _phrase_term(matched: str) -> str:
+    return PHRASES.get(matched) or next(v for k, v in PHRASES.items() if re.fullmatch(k, matched))
+
+
 def terms(text: str) -> list[str]:
-    """Lower-case words of a question, description or identifier (VENDOR_NAME -> vendor, name), stop words out."""
-    return [fold(w) for w in _WORD.findall(text.lower().replace("_", " ")) if w not in _STOP]
+    """Lower-case words of a question, description or identifier (VENDOR_NAME -> supplier, name), EBS vocabulary
+    folded (PHRASES), stop words out."""
+    text = _PHRASE.sub(lambda m: _phrase_term(m.group(1)), text.lower().replace("_", " "))
+    return [fold(w) for w in _WORD.findall(text) if w not in _STOP]
 
 
 # ---- schema file ----------------------------------------------------------------------------------------------
@@ -177,6 +199,8 @@ class Index:
     graph: object                        # networkx.Graph of tables, one edge per joinable pair
     idf: dict[str, float]                # term -> IDF over the table documents (column scoring)
     column_terms: dict[str, dict[str, frozenset]]  # table -> column -> its terms
+    name_terms: list[frozenset]          # per BM25 document: the terms of the table's name (EBS suffixes out)
+    identifier_terms: frozenset          # every term of every table/column name (numbers count only if in one)
     synonym_terms: list[tuple[tuple[str, ...], str, str]]  # (phrase terms, phrase, target)
     join_columns: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # pair -> [(lcol, rcol)]
     build_seconds: float = 0.0
@@ -189,6 +213,14 @@ def table_document(name: str, spec: dict, synonyms: list[str]) -> list[str]:
     for cname, col in spec["columns"].items():
         doc += terms(cname) + terms(col["description"])
     return doc
+
+
+def name_core(table: str) -> frozenset:
+    """What a table's name says it holds: AP_INVOICES_ALL -> {invoice}; the module prefix only when nothing else
+    is left (PO_HEADERS_ALL -> {po})."""
+    words = terms(table)
+    core = frozenset(words[1:]) - NAME_NOISE if len(words) > 1 and len(words[0]) <= 3 else frozenset()
+    return core or frozenset(words) - NAME_NOISE
 
 
 def build_index(schema: dict) -> Index:
@@ -223,8 +255,11 @@ def build_index(schema: dict) -> Index:
     column_terms = {n: {c: frozenset(terms(c) + terms(col["description"])) for c, col in spec["columns"].items()}
                     for n, spec in schema["tables"].items()}
     synonym_terms = sorted(((tuple(terms(p)), p, t) for p, t in schema["synonyms"].items()), key=lambda s: s[1])
+    name_terms = [name_core(n) for n in names]
+    identifier_terms = frozenset(t for n in names for t in terms(" ".join([n, *schema["tables"][n]["columns"]])))
     return Index(schema=schema, sha256=schema_sha256(schema), names=names, bm25=bm25, graph=graph, idf=idf,
-                 column_terms=column_terms, synonym_terms=synonym_terms, join_columns=join_columns,
+                 column_terms=column_terms, name_terms=name_terms, identifier_terms=identifier_terms,
+                 synonym_terms=synonym_terms, join_columns=join_columns,
                  build_seconds=time.perf_counter() - t0)
 
 
@@ -238,25 +273,50 @@ def matched_synonyms(index: Index, q_terms: list[str]) -> dict[str, str]:
     return {phrase: target for sub, phrase, target in index.synonym_terms if _contains(q_terms, sub)}
 
 
-def rank_tables(index: Index, q_terms: list[str], forced: list[str]) -> list[str]:
-    """Tables in rank order: synonym-forced first, then BM25 top scorers above REL_CUTOFF x best."""
+def query_terms(index: Index, question: str) -> list[str]:
+    """Question terms; a bare number counts only when some identifier has it (NUM_1099), never as a quantity."""
+    return [t for t in terms(question) if not t.isdigit() or t in index.identifier_terms]
+
+
+def table_scores(index: Index, q_terms: list[str]):
+    """BM25 per table plus NAME_WEIGHT x the best BM25 x the share of the table's own name the question says:
+    "invoices" points at AP_INVOICES_ALL before the many tables that merely have an INVOICE_ID column, "POs" at
+    PO_HEADERS_ALL although "po" is in every PO table's text."""
     import numpy as np
 
     known = [t for t in dict.fromkeys(q_terms) if t in index.bm25.vocab_dict]
+    if not known:
+        return np.zeros(len(index.names), dtype="float32")
+    scores = index.bm25.get_scores(known).astype("float32")
+    bonus = NAME_WEIGHT * float(scores.max())
+    q_set = set(known)
+    for i in np.flatnonzero(scores).tolist():
+        name = index.name_terms[i]
+        if name:
+            scores[i] += bonus * len(name & q_set) / len(name)
+    return scores
+
+
+def rank_tables(index: Index, q_terms: list[str], forced: list[str]) -> list[str]:
+    """Tables in rank order: synonym-forced first, then the best BM25 tables scoring >= REL_CUTOFF x the best (at
+    most MAX_TABLES), then join neighbours of those scoring >= NEIGHBOUR_CUTOFF x the best (a line table's header)."""
+    import numpy as np
+
+    scores = table_scores(index, q_terms)
     chosen = list(dict.fromkeys(forced))
-    if known:
-        scores = index.bm25.get_scores(known)
-        k = min(MAX_TABLES * 4, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        # ties broken by name so the choice never depends on numpy's partition order
-        order = sorted(top.tolist(), key=lambda i: (-float(scores[i]), index.names[i]))
-        best = float(scores[order[0]])
-        for i in order:
-            if best <= 0 or float(scores[i]) < REL_CUTOFF * best or len(chosen) >= MAX_TABLES + len(forced):
-                break
-            if index.names[i] not in chosen and len([c for c in chosen if c not in forced]) < MAX_TABLES:
-                chosen.append(index.names[i])
-    return chosen
+    best = float(scores.max()) if len(scores) else 0.0
+    if best <= 0:
+        return chosen
+    k = min(MAX_TABLES * 4, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k].tolist()
+    # ties broken by name so the choice never depends on numpy's partition order
+    order = [i for i in sorted(top, key=lambda i: (-float(scores[i]), index.names[i])) if scores[i] >= REL_CUTOFF * best]
+    ranked = [index.names[i] for i in order if index.names[i] not in chosen][:MAX_TABLES]
+    position = {n: i for i, n in enumerate(index.names)}
+    neighbours = sorted({n for t in chosen + ranked for n in index.graph.neighbors(t)} - set(chosen) - set(ranked),
+                        key=lambda n: (-float(scores[position[n]]), n))
+    extra = [n for n in neighbours if scores[position[n]] >= NEIGHBOUR_CUTOFF * best][:MAX_NEIGHBOURS]
+    return chosen + ranked + extra
 
 
 def connect_tables(index: Index, chosen: list[str]) -> list[str]:
@@ -291,19 +351,22 @@ def column_score(index: Index, table: str, column: str, q_set: frozenset) -> flo
     return sum(index.idf.get(t, 0.0) for t in index.column_terms[table][column] & q_set)
 
 
-def _table_entry(index: Index, table: str, columns: list[str]) -> dict:
-    spec = index.schema["tables"][table]
-    return {"name": table, "description": spec["description"],
-            "columns": [{"name": c, "type": spec["columns"][c]["type"], "description": spec["columns"][c]["description"]}
-                        for c in spec["columns"] if c in columns]}
+def _table_entry(index: Index, table: str, columns: set[str], described: set[str]) -> dict:
+    """Columns in schema order; descriptions only on the required ones (keys, joins, matches): the rest are
+    context, and their descriptions would cost the budget more columns."""
+    spec = index.schema["tables"][table]["columns"]
+    return {"name": table, "description": index.schema["tables"][table]["description"],
+            "columns": [{"name": c, "type": spec[c]["type"],
+                         **({"description": spec[c]["description"]} if c in described and spec[c]["description"] else {})}
+                        for c in spec if c in columns]}
 
 
-def assemble_context(index: Index, tables: list[str], kept: dict[str, set], relevant: list[str],
-                     synonyms: dict[str, str]) -> dict:
+def assemble_context(index: Index, tables: list[str], kept: dict[str, set], described: dict[str, set],
+                     relevant: list[str], synonyms: dict[str, str]) -> dict:
     chosen = set(tables)
     schema = index.schema
     return {
-        "tables": [_table_entry(index, t, kept[t]) for t in tables],
+        "tables": [_table_entry(index, t, kept[t], described[t]) for t in tables],
         "joins": [j for j in schema["joins"] if all(s.strip().split(".")[0] in chosen for s in j.split("="))],
         "columns": [c for c in relevant if c.split(".")[1] in kept[c.split(".")[0]]],
         "synonyms": {p: t for p, t in sorted(synonyms.items()) if t.split(".")[0] in chosen},
@@ -342,23 +405,11 @@ def token_counter_name(tokenizer) -> str:
 
 
 # ---- the public entry point -------------------------------------------------------------------------------------
-def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> dict:
-    """The context for one question (raw-record `context` shape). StageError on an empty question, on a question
-    that matches no table, and when even the key columns of the chosen tables exceed the budget."""
-    if not isinstance(question, str) or not question.strip():
-        raise StageError("empty question")
-    if max_context_tokens < MIN_CONTEXT_TOKENS:
-        raise StageError(f"max_context_tokens {max_context_tokens} < {MIN_CONTEXT_TOKENS}")
+def column_plan(index: Index, tables: list[str], q_set: frozenset, synonyms: dict[str, str]):
+    """-> (required columns per table, optional (score, table, column) in keep order, relevant TABLE.COLUMNs).
+    Required: keys, join columns between chosen tables, the security column, synonym targets, the best matches."""
     schema = index.schema
-    q_terms = terms(question)
-    synonyms = matched_synonyms(index, q_terms)
-    ranked = rank_tables(index, q_terms, [t.split(".")[0] for t in synonyms.values()])
-    if not ranked:
-        raise StageError("no relevant tables for this question")
-    tables = connect_tables(index, ranked)
     chosen = set(tables)
-    q_set = frozenset(q_terms)
-
     required = {t: set(schema["tables"][t].get("primary_key", [])) for t in tables}
     for (a, b), pairs in index.join_columns.items():
         if a in chosen and b in chosen:
@@ -368,46 +419,66 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
             required[t].add(schema["security_filters"][t]["column"])
     for target in synonyms.values():
         t, _, c = target.partition(".")
-        if c:
+        if c and t in chosen:
             required[t].add(c)
     scored = {t: sorted(((column_score(index, t, c, q_set), c) for c in schema["tables"][t]["columns"]),
                         key=lambda sc: -sc[0]) for t in tables}
-    relevant = []
+    relevant = set()
     for t in tables:
-        matched = [c for s, c in scored[t] if s > 0]
-        required[t].update(matched[:MATCHED_COLUMNS_PER_TABLE])
-        relevant += [f"{t}.{c}" for c in matched[:MATCHED_COLUMNS_PER_TABLE]]
-    relevant = sorted(set(relevant) | {v for v in synonyms.values() if "." in v},
-                      key=lambda tc: (-column_score(index, *tc.split("."), q_set), tc))
+        matched = [c for s, c in scored[t] if s > 0][:MATCHED_COLUMNS_PER_TABLE]
+        required[t].update(matched)
+        relevant.update(f"{t}.{c}" for c in matched)
+    relevant |= {v for v in synonyms.values() if "." in v and v.split(".")[0] in chosen}
+    relevant = sorted(relevant, key=lambda tc: (-column_score(index, *tc.split("."), q_set), tc))
     # optional columns: better lexical match first, then the better-ranked table, then schema order
     rank = {t: i for i, t in enumerate(tables)}
     position = {t: {c: i for i, c in enumerate(schema["tables"][t]["columns"])} for t in tables}
     optional = sorted(((s, t, c) for t in tables for s, c in scored[t] if c not in required[t]),
                       key=lambda x: (-x[0], rank[x[1]], position[x[1]][x[2]]))
+    return required, optional, relevant
 
-    def build(n_optional: int) -> dict:
-        kept = {t: set(required[t]) for t in tables}
-        for _, t, c in optional[:n_optional]:
-            kept[t].add(c)
-        for t in tables:  # a table with no key, join or match still shows its first column
-            if not kept[t]:
-                kept[t].add(next(iter(schema["tables"][t]["columns"])))
-        return assemble_context(index, tables, kept, relevant, synonyms)
 
-    full = build(len(optional))
-    if prompt_tokens(question, full, tokenizer) <= max_context_tokens:
-        return full
-    lo, hi = 0, len(optional)  # largest n with build(n) within budget: binary search, log2(n) exact counts
-    if prompt_tokens(question, build(0), tokenizer) > max_context_tokens:
-        raise StageError(f"the {len(tables)} tables this question needs ({', '.join(tables)}) take more than "
-                         f"max_context_tokens={max_context_tokens} with only their key and matched columns")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if prompt_tokens(question, build(mid), tokenizer) <= max_context_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(lo)
+def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> dict:
+    """The context for one question (raw-record `context` shape). StageError on an empty question, on a question
+    that matches no table, and when not even the best table's key columns fit the budget. When the chosen tables'
+    key and matched columns do not fit, the lowest-ranked table goes (and its bridges with it), then columns are
+    added back best-first while the exact prompt count stays within max_context_tokens."""
+    if not isinstance(question, str) or not question.strip():
+        raise StageError("empty question")
+    if max_context_tokens < MIN_CONTEXT_TOKENS:
+        raise StageError(f"max_context_tokens {max_context_tokens} < {MIN_CONTEXT_TOKENS}")
+    q_terms = query_terms(index, question)
+    q_set = frozenset(q_terms)
+    synonyms = matched_synonyms(index, q_terms)
+    ranked = rank_tables(index, q_terms, [t.split(".")[0] for t in synonyms.values()])
+    if not ranked:
+        raise StageError("no relevant tables for this question")
+    first_column = {t: next(iter(index.schema["tables"][t]["columns"])) for t in index.schema["tables"]}
+    for n_ranked in range(len(ranked), 0, -1):
+        tables = connect_tables(index, ranked[:n_ranked])
+        required, optional, relevant = column_plan(index, tables, q_set, synonyms)
+
+        def build(n_optional: int) -> dict:
+            kept = {t: set(required[t]) or {first_column[t]} for t in tables}  # a bare table shows its first column
+            for _, t, c in optional[:n_optional]:
+                kept[t].add(c)
+            return assemble_context(index, tables, kept, required, relevant, synonyms)
+
+        full = build(len(optional))
+        if prompt_tokens(question, full, tokenizer) <= max_context_tokens:
+            return full
+        if prompt_tokens(question, build(0), tokenizer) > max_context_tokens:
+            continue
+        lo, hi = 0, len(optional)  # largest n with build(n) within budget: binary search, log2(n) exact counts
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if prompt_tokens(question, build(mid), tokenizer) <= max_context_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        return build(lo)
+    raise StageError(f"not even the key columns of {ranked[0]}, the best table for this question, fit "
+                     f"max_context_tokens={max_context_tokens}")
 
 
 def retrieval_settings(index: Index, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS, tokenizer=None) -> dict:
