@@ -477,3 +477,28 @@ def test_retrieve_evaluates_the_question_only_path(ex_inputs, tmp_path):
     assert report["config"]["retrieve"] is True
     # the gold SQL checked against retrieved contexts: the MOAC filters of the retrieved tables still hold
     assert report["totals"]["ok_rate"]["final"] >= 0.8, [x["attempts"][-1]["reasons"] for x in report["examples"]]
+
+
+# ------------------------------------------------------------------------- EX through vLLM: fine-tuned vs base
+def live_ex(srv, data, catalog, out, n=10):
+    key_env = {"EVAL_TEST_API_KEY": srv["api_key"] or ""}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--eval_data", str(data), "--catalog", str(catalog),
+                        "--schema", str(SCHEMA_PATH), "--base_url", srv["base_url"], "--model", srv["model"],
+                        "--limit", str(n), "--max_tokens", "256", "--api_key_env", "EVAL_TEST_API_KEY",
+                        "--today", TODAY.isoformat(), "--out_dir", str(out)],
+                       capture_output=True, text=True, timeout=1800, cwd=ROOT, env={**os.environ, **key_env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    return json.loads((out / "report.json").read_text())["totals"]["execution"]
+
+
+@pytest.mark.slow
+def test_live_ex_base_model_is_low(vllm_tiny, demo_dataset, tmp_path):
+    e = live_ex(vllm_tiny, demo_dataset["train"], demo_dataset["catalog"], tmp_path / "base")
+    assert e["gold_nonempty"] >= 0.8 and e["rate"] is not None and e["rate"] <= 0.3, e
+
+
+@pytest.mark.slow
+def test_live_ex_fine_tuned_4bit_is_high(vllm_quant, demo_dataset, tmp_path):
+    e = live_ex(vllm_quant, demo_dataset["train"], demo_dataset["catalog"], tmp_path / "quant")
+    assert e["rate"] >= 0.8 and e["decided"] >= 8, e
