@@ -47,14 +47,15 @@ SERVE_MODEL ?= $(QUANT)
 VLLM_CONFIG ?= $(PKG)/inference/vllm_config_cpu.yaml
 XIYAN_ROOT ?=
 
-.PHONY: help venv venv-serve tiny dataset train package serve eval demo bench test test-fast clean-runs wheelhouse \
-  install-offline install-into-xiyan
+.PHONY: help venv venv-serve tiny dataset train package serve service eval demo bench test test-fast clean-runs \
+  wheelhouse install-offline install-into-xiyan
 
 help:
 	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
 	@echo "make test      the test suite (creates both environments and the tiny model first)"
 	@echo "make test-fast the tests not marked slow: the inner loop while editing"
 	@echo "make dataset | train | package | serve | eval | bench       one stage at a time (see README)"
+	@echo "make service   the guarded SQL service for apps (auth, MOAC, audit) in front of vLLM (see README)"
 	@echo "make wheelhouse / install-offline WHEELHOUSE=DIR           air-gapped install"
 	@echo "make install-into-xiyan XIYAN_ROOT=DIR                     copy the add-on into a XiYan checkout"
 
@@ -125,6 +126,19 @@ $(QUANT)/oracle_manifest.json: $(ADAPTER)/adapter_model.safetensors $(PKG)/packa
 # ---- stage 4: serving (foreground; Ctrl-C stops it). Plans capacity first, refuses a config that does not fit. ------
 serve: $(SERVE_VENV)/.installed
 	$(PY) $(PKG)/inference/serve.py --model $(SERVE_MODEL) --config $(VLLM_CONFIG) --port $(PORT)
+
+# ---- guarded SQL service for applications (foreground; Ctrl-C stops it and the vLLM it started) --------------------
+# Starts vLLM on $(SERVE_MODEL) through serve.py first, unless BACKENDS="http://host:8000/v1 ..." names running ones.
+# Add users first (the key is printed once):
+#   $(PY) $(PKG)/inference/service_keys.py add-user --keys_file $(RUNS)/service/keys.yaml --user U --org_ids 204
+SERVICE_CONFIG ?= $(PKG)/inference/service_config.yaml
+SERVICE_PORT ?= 8100
+BACKENDS ?=
+service: $(VENV)/.installed $(if $(BACKENDS),,$(SERVE_VENV)/.installed)
+	$(PY) $(PKG)/inference/sql_service.py --config $(SERVICE_CONFIG) --port $(SERVICE_PORT) \
+	  --keys_file $(RUNS)/service/keys.yaml --audit_log $(RUNS)/service/audit.jsonl \
+	  --feedback_out $(RUNS)/service/feedback_raw.jsonl --tokenizer $(SERVE_MODEL) \
+	  $(if $(BACKENDS),$(foreach b,$(BACKENDS),--backend $(b)),--start_vllm $(SERVE_MODEL) --vllm_config $(VLLM_CONFIG))
 
 # ---- stage 5: eval gate against a running server (make serve in another shell) -----------------------------------
 EVAL_ARGS ?= --max_unsafe_rate 0 --max_security_violation_rate 0
