@@ -141,7 +141,8 @@ def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, str(SERVICE), "--config", str(path)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: cannot read keys file {tmp_path / 'missing.yaml'}: No such file or directory"], r.stderr
+        f"error: cannot read keys file {tmp_path / 'missing.yaml'}: No such file or directory (service_keys.py add-user "
+        "creates it)"], r.stderr
 
 
 # ---------------------------------------------------------------------------------------------- pure parts

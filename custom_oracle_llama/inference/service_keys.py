@@ -60,7 +60,8 @@ def read_keys(path) -> list[dict]:
     try:
         return parse_keys(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     except OSError as e:
-        raise StageError(f"cannot read keys file {path}: {e.strerror or e}") from None
+        raise StageError(f"cannot read keys file {path}: {e.strerror or e} (service_keys.py add-user creates it)") \
+            from None
     except yaml.YAMLError as e:
         raise StageError(f"keys file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
 

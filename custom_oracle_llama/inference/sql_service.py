@@ -640,6 +640,7 @@ def build_parser():
     ap.add_argument("--backend", action="append", help="vLLM base URL (repeatable); replaces the config's backends")
     ap.add_argument("--keys_file", help="keys YAML (replaces the config's keys_file)")
     ap.add_argument("--audit_log", help="audit JSONL (replaces the config's audit_log)")
+    ap.add_argument("--feedback_out", help="feedback raw JSONL (replaces the config's feedback_out)")
     ap.add_argument("--tokenizer", help="model folder for retrieval's token count (replaces the config's tokenizer)")
     ap.add_argument("--start_vllm", metavar="MODEL_DIR",
                     help="first start vLLM on this model through serve.py (capacity plan, loopback, free port) and "
@@ -654,7 +655,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sql_service %(levelname)s %(message)s")
     overrides = {"host": args.host, "port": args.port, "backends": args.backend, "keys_file": args.keys_file,
-                 "audit_log": args.audit_log, "tokenizer": args.tokenizer}
+                 "audit_log": args.audit_log, "feedback_out": args.feedback_out, "tokenizer": args.tokenizer}
     with contextlib.ExitStack() as stack:
         try:
             if args.start_vllm:
@@ -664,7 +665,7 @@ def main(argv=None) -> int:
                 print(f"sql_service: starting vLLM on {args.start_vllm} (log: {vlog}) ...", file=sys.stderr,
                       flush=True)
                 srv = stack.enter_context(running_server(args.start_vllm, args.vllm_config, vlog))
-                overrides["backends"] = [srv["base_url"] + "/v1"]
+                overrides.update(backends=[srv["base_url"] + "/v1"], model=srv["model"])
             cfg = load_config(args.config, overrides)
             app = create_app(cfg)
         except StageError as e:
