@@ -22,7 +22,7 @@ from artifacts import StageError
 from build_oracle_sft_dataset import RawRecord
 from serve import free_port, log_tail, stop_tree
 from serving import CPU_YAML, ROOT, served_name
-from sql_guardrail import check_sql, load_catalog
+from sql_guardrail import check_sql, load_catalog, load_policy
 import sql_service
 from sql_service import Backends, Overloaded, merge_filters, read_audit, required_filters, scoped_context
 
@@ -148,7 +148,7 @@ def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- pure parts
 def test_required_filters_cover_every_all_table_with_org_id_and_context_can_only_add():
     catalog = load_catalog(CATALOG)
-    req = required_filters(catalog)
+    req = required_filters(catalog, load_policy())
     assert {f["table"] for f in req} == {t for t in catalog if t.endswith("_ALL") and "ORG_ID" in catalog[t]}
     assert all(f["predicate"] == ORG_PREDICATE for f in req)
     # a context that "forgets" the filter of its own _ALL table gets it back; an extra filter stays
@@ -398,7 +398,8 @@ def test_authenticated_question_returns_guarded_sql_with_the_callers_org_filter(
             oks.append(body)
             assert ORG_PREDICATE in body["sql"] and body["binds"] == {"org_ids": [204, 458]}
             assert "org_ids" in body["bind_names"]
-            assert check_sql(body["sql"], catalog=catalog, security_filters=required_filters(catalog))["ok"]
+            scope = required_filters(catalog, load_policy())
+            assert check_sql(body["sql"], catalog=catalog, security_filters=scope)["ok"]
         else:
             assert body["sql"] is None and body["reasons"] and body["codes"]
     assert oks, "the 4-bit package answered none of 4 training questions with guarded SQL"

@@ -34,6 +34,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import hmac
 import json
 import logging
@@ -201,10 +202,19 @@ def read_audit(path) -> list[dict]:
 
 
 # ---- MOAC: the caller's scope ------------------------------------------------------------------------------------
-def required_filters(catalog: dict) -> list[dict]:
-    """Every *_ALL table with ORG_ID in the catalog: ORG_ID IN (:org_ids) (the policy's required MOAC filters)."""
-    return [{"table": t, **ORG_FILTER} for t in sorted(catalog) if t.upper().endswith("_ALL") and
-            any(c.upper() == "ORG_ID" for c in catalog[t])]
+def required_filters(catalog, policy: dict) -> list[dict]:
+    """The policy's required MOAC filters expanded over the catalog: [{table, column, predicate}] for every table that
+    matches a rule's globs and has its column (the shipped policy: every *_ALL table with ORG_ID, ORG_ID IN
+    (:org_ids)). A policy without the key (older guardrail) gets that rule; an explicit empty list stays empty."""
+    rules = policy["required_filters"] if "required_filters" in policy else [{"tables": ["*_ALL"], **ORG_FILTER}]
+    out = []
+    for table in sorted(catalog):
+        columns = {str(c).upper() for c in catalog[table]}
+        for rule in rules:
+            if rule["column"].upper() in columns and any(fnmatch.fnmatchcase(table.upper(), g.upper())
+                                                         for g in rule["tables"]):
+                out.append({"table": table, "column": rule["column"], "predicate": rule["predicate"]})
+    return out
 
 
 def merge_filters(*groups) -> list[dict]:
@@ -374,7 +384,7 @@ class Service:
         self.cfg = cfg
         self.catalog = load_catalog(cfg["catalog"])
         self.policy = load_policy(cfg["policy"])
-        self.required = required_filters(self.catalog)
+        self.required = required_filters(self.catalog, self.policy)
         self.keys = KeyStore(cfg["keys_file"])
         self.audit = JsonlAppender(cfg["audit_log"])
         self.feedback = JsonlAppender(cfg["feedback_out"]) if cfg["feedback_out"] else None
