@@ -157,8 +157,8 @@ def test_rejected_sql_never_reaches_the_database(silent_listener):
 def test_cli_explain_failure_exits_2_and_hides_password():
     r = subprocess.run([sys.executable, str(SCRIPT), "check", "--explain-dsn", f"127.0.0.1:{_closed_port()}/EBS",
                         "--explain-timeout", "3"], input="SELECT 1 FROM dual", capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "ORACLE_GUARD_USER": "apps_ro",
-                                        "ORACLE_GUARD_PASSWORD": SECRET})
+                       timeout=60, env={**os.environ, "ORACLE_USER": "apps_ro",
+                                        "ORACLE_PASSWORD": SECRET})
     assert r.returncode == 2 and r.stdout == ""
     assert "cannot connect to Oracle DSN" in r.stderr and SECRET not in r.stderr and "Traceback" not in r.stderr
 

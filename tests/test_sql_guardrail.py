@@ -60,8 +60,16 @@ ORG_PO = ORG + [{"table": "PO_HEADERS_ALL", "column": "ORG_ID", "predicate": "OR
 
 
 @pytest.fixture(scope="module")
-def policy():
+def full_policy():
+    """The shipped policy, MOAC required_filters on (every *_ALL table with ORG_ID needs ORG_ID IN (:org_ids))."""
     return g.load_policy()
+
+
+@pytest.fixture(scope="module")
+def policy(full_policy):
+    """The shipped policy without required_filters: these tables test the other rules one at a time;
+    tests/test_guardrail_v2.py tests the required filters."""
+    return {**full_policy, "required_filters": []}
 
 
 def check(text, policy, catalog=CATALOG, filters=None, allow_dml=False):
@@ -74,7 +82,7 @@ EBS_PASS = [
               "WHERE org_id IN (:org_ids)) PIVOT (SUM(invoice_amount) FOR invoice_currency_code IN ('USD' AS usd, "
               "'EUR' AS eur)) p WHERE p.usd > 1000", ORG),
     ("unpivot", "SELECT vendor_id, bucket, amt FROM (SELECT vendor_id, invoice_amount, amount_paid FROM "
-                "ap_invoices_all) UNPIVOT (amt FOR bucket IN (invoice_amount AS 'INVOICED', amount_paid AS 'PAID'))",
+                "ap_invoices_all WHERE org_id IN (:org_ids)) UNPIVOT (amt FOR bucket IN (invoice_amount AS 'INVOICED', amount_paid AS 'PAID'))",
      None),
     ("connect by + level", "SELECT LEVEL, LPAD(' ', 2 * (LEVEL - 1)) || papf.full_name AS name, "
                            "SYS_CONNECT_BY_PATH(papf.full_name, '/') AS path, CONNECT_BY_ISLEAF AS leaf "
@@ -85,24 +93,27 @@ EBS_PASS = [
                            "AND LEVEL <= 4", None),
     ("old-style (+) outer join", "SELECT ai.invoice_num, aps.vendor_name, assa.vendor_site_code FROM ap_invoices_all ai, "
                                  "ap_suppliers aps, ap_supplier_sites_all assa WHERE ai.vendor_id = aps.vendor_id "
-                                 "AND ai.vendor_site_id = assa.vendor_site_id(+) AND ai.org_id IN (:org_ids)", ORG),
+                                 "AND ai.vendor_site_id = assa.vendor_site_id(+) AND ai.org_id IN (:org_ids) "
+                                 "AND assa.org_id(+) = ai.org_id", ORG),
     ("analytic functions", "SELECT invoice_num, vendor_id, invoice_amount, RANK() OVER (PARTITION BY vendor_id ORDER BY "
                            "invoice_amount DESC) AS rnk, SUM(invoice_amount) OVER (PARTITION BY vendor_id ORDER BY "
                            "invoice_date ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running, "
                            "LAG(invoice_amount) OVER (ORDER BY invoice_date) AS prev_amt, RATIO_TO_REPORT(invoice_amount) "
-                           "OVER () AS share FROM ap_invoices_all ORDER BY rnk NULLS LAST", None),
+                           "OVER () AS share FROM ap_invoices_all WHERE org_id IN (:org_ids) ORDER BY rnk NULLS LAST", None),
     ("allowlisted helpers", "SELECT gcc.code_combination_id, gl_flexfields_pkg.get_description_sql(gcc.chart_of_accounts_id, "
                             "3, gcc.segment3) AS account_desc, hr_general.decode_lookup('YES_NO', gcc.enabled_flag) AS "
                             "enabled, apps.fnd_profile.value('GL_SET_OF_BKS_ID') AS sob FROM gl_code_combinations gcc",
      None),
-    ("helper without parentheses", "SELECT invoice_num FROM ap_invoices_all WHERE org_id = fnd_global.org_id", None),
+    ("helper without parentheses", "SELECT invoice_num, fnd_global.user_id AS uid FROM ap_invoices_all WHERE "
+                                   "org_id IN (:org_ids)", None),
     ("approval status helper", "SELECT ai.invoice_num, apps.ap_invoices_pkg.get_approval_status(ai.invoice_id, "
                                "ai.invoice_amount, ai.payment_status_flag, ai.invoice_type_lookup_code) status "
-                               "FROM ap_invoices_all ai", None),
+                               "FROM ap_invoices_all ai WHERE ai.org_id IN (:ORG_IDS)", None),
     ("fetch first", "SELECT aps.vendor_name, SUM(ai.invoice_amount) AS total FROM ap_invoices_all ai JOIN ap_suppliers aps "
                     "ON aps.vendor_id = ai.vendor_id WHERE ai.org_id IN (:org_ids) GROUP BY aps.vendor_name "
                     "ORDER BY total DESC FETCH FIRST 10 ROWS ONLY", ORG),
-    ("rownum top-n", "SELECT * FROM (SELECT invoice_num, invoice_amount FROM ap_invoices_all ORDER BY invoice_amount "
+    ("rownum top-n", "SELECT * FROM (SELECT invoice_num, invoice_amount FROM ap_invoices_all WHERE org_id IN (:org_ids) "
+                     "ORDER BY invoice_amount "
                      "DESC) WHERE ROWNUM <= 5", None),
     ("recursive with", "WITH org_tree (person_id, supervisor_id, lvl) AS (SELECT person_id, supervisor_id, 1 FROM "
                        "per_all_assignments_f WHERE supervisor_id IS NULL UNION ALL SELECT a.person_id, a.supervisor_id, "
@@ -113,16 +124,17 @@ EBS_PASS = [
                                        "SELECT n FROM r", None),
     ("several ctes", "WITH inv AS (SELECT vendor_id, SUM(invoice_amount) AS total FROM ap_invoices_all WHERE org_id IN "
                      "(:org_ids) GROUP BY vendor_id), paid AS (SELECT vendor_id, SUM(amount) AS paid FROM ap_checks_all "
-                     "GROUP BY vendor_id) SELECT s.vendor_name, inv.total, NVL(paid.paid, 0) AS paid FROM inv JOIN "
+                     "WHERE org_id IN (:org_ids) GROUP BY vendor_id) SELECT s.vendor_name, inv.total, NVL(paid.paid, 0) AS paid FROM inv JOIN "
                      "ap_suppliers s ON s.vendor_id = inv.vendor_id LEFT JOIN paid ON paid.vendor_id = inv.vendor_id",
      ORG),
     ("inline view with star", "SELECT x.invoice_num, x.vendor_id FROM (SELECT * FROM ap_invoices_all WHERE "
-                              "cancelled_date IS NULL) x WHERE x.invoice_amount > 100", None),
+                              "cancelled_date IS NULL AND org_id IN (:org_ids)) x WHERE x.invoice_amount > 100", None),
     ("schema prefixes", "SELECT ai.invoice_num, aps.vendor_name FROM ap.ap_invoices_all ai, apps.ap_suppliers aps "
                         "WHERE ai.vendor_id = aps.vendor_id AND ai.org_id IN (:org_ids)", ORG),
-    ("schema-qualified column", "SELECT ap.ap_invoices_all.invoice_num FROM ap.ap_invoices_all", None),
+    ("schema-qualified column", "SELECT ap.ap_invoices_all.invoice_num FROM ap.ap_invoices_all WHERE org_id IN (:org_ids)", None),
     ("dual and sysdate", "SELECT SYSDATE, TRUNC(SYSDATE, 'MM'), ADD_MONTHS(TRUNC(SYSDATE), -1), USER FROM dual", None),
-    ("set operations", "SELECT vendor_id FROM ap_invoices_all MINUS SELECT vendor_id FROM ap_checks_all UNION "
+    ("set operations", "SELECT vendor_id FROM ap_invoices_all WHERE org_id IN (:org_ids) MINUS SELECT vendor_id FROM "
+                       "ap_checks_all WHERE org_id IN (:org_ids) UNION "
                        "SELECT vendor_id FROM po_headers_all WHERE org_id IN (:org_ids)",
      [{"table": "PO_HEADERS_ALL", "column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}]),
     ("rollup having", "SELECT gl.name, gcc.segment1, SUM(gb.period_net_dr - gb.period_net_cr) AS net FROM gl_balances gb "
@@ -132,40 +144,44 @@ EBS_PASS = [
     ("listagg decode case", "SELECT vendor_id, LISTAGG(invoice_num, ', ') WITHIN GROUP (ORDER BY invoice_date) AS invs, "
                             "DECODE(payment_status_flag, 'Y', 'Paid', 'N', 'Unpaid', 'Partial') AS st, CASE WHEN "
                             "SUM(invoice_amount) > 1e6 THEN 'BIG' ELSE 'SMALL' END AS size_band FROM ap_invoices_all "
-                            "GROUP BY vendor_id, payment_status_flag", None),
+                            "WHERE org_id IN (:org_ids) GROUP BY vendor_id, payment_status_flag", None),
     ("correlated exists", "SELECT aps.vendor_name FROM ap_suppliers aps WHERE NOT EXISTS (SELECT 1 FROM ap_invoices_all "
                           "ai WHERE ai.vendor_id = aps.vendor_id AND ai.invoice_date > ADD_MONTHS(SYSDATE, -12) "
                           "AND ai.org_id IN (:org_ids))", ORG),
     ("scalar subquery", "SELECT ai.invoice_num, (SELECT COUNT(*) FROM ap_invoice_lines_all l WHERE l.invoice_id = "
-                        "ai.invoice_id) AS line_count FROM ap_invoices_all ai", None),
+                        "ai.invoice_id AND l.org_id IN (:org_ids)) AS line_count FROM ap_invoices_all ai WHERE "
+                        "ai.org_id IN (:org_ids)", None),
     ("keep dense_rank", "SELECT vendor_id, MAX(invoice_num) KEEP (DENSE_RANK LAST ORDER BY invoice_date) AS last_inv "
-                        "FROM ap_invoices_all GROUP BY vendor_id", None),
+                        "FROM ap_invoices_all WHERE org_id IN (:org_ids) GROUP BY vendor_id", None),
     ("q-quoted string with ; and --", "SELECT invoice_num FROM ap_invoices_all WHERE description = q'[a;b -- c; "
-                                      "DELETE FROM x]'", None),
-    ("comment mentioning DML", "SELECT invoice_num /* DELETE FROM ap_invoices_all; */ FROM ap_invoices_all -- DROP TABLE",
+                                      "DELETE FROM x]' AND org_id IN (:org_ids)", None),
+    ("comment mentioning DML", "SELECT invoice_num /* DELETE FROM ap_invoices_all; */ FROM ap_invoices_all WHERE org_id IN "
+                                "(:org_ids) -- DROP TABLE",
      None),
     ("date and interval literals", "SELECT invoice_num FROM ap_invoices_all WHERE invoice_date >= DATE '2024-01-01' "
-                                   "AND creation_date > SYSDATE - INTERVAL '7' DAY", None),
-    ("quoted upper identifiers", 'SELECT "AI"."INVOICE_NUM" FROM "AP_INVOICES_ALL" "AI"', None),
+                                   "AND creation_date > SYSDATE - INTERVAL '7' DAY AND org_id IN (:org_ids)", None),
+    ("quoted upper identifiers", 'SELECT "AI"."INVOICE_NUM" FROM "AP_INVOICES_ALL" "AI" WHERE "AI"."ORG_ID" IN (:org_ids)', None),
     ("regexp and nvl2", "SELECT vendor_name FROM ap_suppliers WHERE REGEXP_LIKE(vendor_name, '^A.*') AND "
                         "NVL2(end_date_active, 'N', 'Y') = 'Y'", None),
     ("po lines with filter on both", "SELECT ph.segment1, pl.line_num, pl.unit_price * pl.quantity AS amt FROM "
                                      "po_headers_all ph JOIN po_lines_all pl ON pl.po_header_id = ph.po_header_id AND "
                                      "pl.org_id = ph.org_id WHERE ph.org_id IN (:org_ids) AND ph.authorization_status "
                                      "= 'APPROVED'", ORG_PO),
-    ("order by select alias", "SELECT invoice_num AS num, invoice_amount amt FROM ap_invoices_all ORDER BY amt DESC, num",
+    ("order by select alias", "SELECT invoice_num AS num, invoice_amount amt FROM ap_invoices_all WHERE org_id IN (:org_ids) "
+                               "ORDER BY amt DESC, num",
      None),
-    ("fenced with trailing semicolon", "```sql\nSELECT invoice_num FROM ap_invoices_all;\n```", None),
-    ("rowid rownum pseudo", "SELECT ai.ROWID, ROWNUM FROM ap_invoices_all ai", None),
+    ("fenced with trailing semicolon", "```sql\nSELECT invoice_num FROM ap_invoices_all WHERE org_id IN (:org_ids);\n```", None),
+    ("rowid rownum pseudo", "SELECT ai.ROWID, ROWNUM FROM ap_invoices_all ai WHERE ai.org_id IN (:org_ids)", None),
 ]
 
 
 @pytest.mark.parametrize("name,sql,filters", EBS_PASS, ids=[r[0] for r in EBS_PASS])
-def test_real_ebs_queries_pass(name, sql, filters, policy):
-    v = check(sql, policy, filters=filters)
+def test_real_ebs_queries_pass(name, sql, filters, full_policy):
+    v = check(sql, full_policy, filters=filters)
     assert v["ok"], v["reasons"]
     assert v["reasons"] == [] and v["codes"] == [] and v["sql"]
-    assert "catalog" in v["checks"] and ("security_filters" in v["checks"]) == bool(filters)
+    reads_secured = any(t.endswith("_ALL") and t in sql.upper() for t in CATALOG)
+    assert "catalog" in v["checks"] and ("security_filters" in v["checks"]) == (bool(filters) or reads_secured)
 
 
 # ------------------------------------------------------------------------------- adversarial outputs (rejected)
@@ -191,7 +207,7 @@ ADVERSARIAL = [
     ("garbage", "%%% ??? !!!", "parse_error"),
     ("sqlplus substitution", "SELECT * FROM ap_invoices_all WHERE org_id = &org", "parse_error"),
     ("with function pl/sql", "WITH FUNCTION f RETURN NUMBER IS BEGIN DELETE FROM x; RETURN 1; END; SELECT f FROM dual",
-     "parse_error"),
+     "unsafe"),
     ("fullwidth select keyword", "ＳＥＬＥＣＴ * FROM ap_invoices_all", "parse_error"),
     # layer 2: statements that are not queries
     ("delete", "DELETE FROM ap_invoices_all WHERE invoice_id = 1", "unsafe"),
@@ -315,7 +331,6 @@ HALLUCINATIONS = [
      [], ["AP_INVOICES_ALL.INVOICE_TOTAL"]),
     ("unqualified unknown column, two tables", "SELECT vendor_name, total_due FROM ap_invoices_all ai, ap_suppliers s "
                                                "WHERE ai.vendor_id = s.vendor_id", [], ["TOTAL_DUE"]),
-    ("undefined alias", "SELECT x.invoice_num FROM ap_invoices_all ai", [], ["X.INVOICE_NUM"]),
     ("table name used although aliased", "SELECT ap_invoices_all.invoice_num FROM ap_invoices_all ai", [],
      ["AP_INVOICES_ALL.INVOICE_NUM"]),
     ("cte column not exposed", "WITH t AS (SELECT vendor_id, SUM(invoice_amount) tot FROM ap_invoices_all GROUP BY "
@@ -348,7 +363,7 @@ def test_hallucination_lists_are_exact(name, sql, tables, columns, policy):
     assert v["unknown_columns"] == columns
     assert set(v["codes"]) == {c for c, xs in (("unknown_table", tables), ("unknown_column", columns)) if xs}
     for t in tables:
-        assert f"unknown table {t}" in v["reasons"]
+        assert any(r == f"unknown table {t}" or r.startswith(f"unknown table {t} (schema ") for r in v["reasons"])
     for c in columns:
         assert any(r.startswith(f"unknown column {c}") for r in v["reasons"]), v["reasons"]
 
@@ -456,14 +471,14 @@ def test_policy_allowlist_is_data(policy, tmp_path):
     sql = "SELECT xx_ap_pkg.get_status(1) FROM dual"
     assert not g.check_sql(sql, policy=policy)["ok"]
     text = g.POLICY_PATH.read_text().replace("allowed_package_functions:\n",
-                                             "allowed_package_functions:\n  - XX_AP_PKG.GET_STATUS\n")
+                                             "allowed_package_functions:\n  XX_AP_PKG.GET_STATUS: test helper\n")
     (tmp_path / "p.yaml").write_text(text)
     assert g.check_sql(sql, policy=g.load_policy(tmp_path / "p.yaml"))["ok"]
 
 
 @pytest.mark.parametrize("content,match", [
     ("max_sql_chars: 10\nallow_hints: true\n", "unknown keys"),
-    ("builtin_functions: NVL\n", "list of strings"),
+    ("builtin_functions: NVL\n", "list of names"),
     ("max_sql_chars: -1\n", "positive integer"),
     ("allow_optimizer_hints: maybe\n", "true or false"),
     ("a: [\n", "not valid YAML"),
@@ -475,11 +490,13 @@ def test_bad_policy_is_rejected(content, match, tmp_path):
 
 
 def test_catalog_loading(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"ap_invoices_all": {"invoice_id": "NUMBER"}}))
-    assert g.load_catalog(tmp_path / "c.json") == {"AP_INVOICES_ALL": {"INVOICE_ID": "NUMBER"}}
+    # names stay as the dictionary stores them: a lower-case name is a quoted, case-sensitive Oracle name
+    (tmp_path / "c.json").write_text(json.dumps({"AP_INVOICES_ALL": {"INVOICE_ID": "NUMBER"}, "xx_t": {"c": "N"}}))
+    assert dict(g.load_catalog(tmp_path / "c.json").items()) == {"AP_INVOICES_ALL": {"INVOICE_ID": "NUMBER"},
+                                                                 "xx_t": {"c": "N"}}
     (tmp_path / "c.csv").write_text("TABLE_NAME,COLUMN_NAME,DATA_TYPE\nAP_SUPPLIERS,VENDOR_ID,NUMBER\n"
                                     "AP_SUPPLIERS,VENDOR_NAME,VARCHAR2\n")
-    assert g.load_catalog(tmp_path / "c.csv") == {"AP_SUPPLIERS": {"VENDOR_ID": "NUMBER", "VENDOR_NAME": "VARCHAR2"}}
+    assert dict(g.load_catalog(tmp_path / "c.csv").items()) == {"AP_SUPPLIERS": {"VENDOR_ID": "NUMBER", "VENDOR_NAME": "VARCHAR2"}}
     for bad, match in [("[1, 2]", "must be a non-empty"), ("{", "not valid JSON"), ('{"T": ["A"]}', "must be")]:
         (tmp_path / "b.json").write_text(bad)
         with pytest.raises(StageError, match=match):
@@ -502,10 +519,11 @@ def catalog_file(tmp_path_factory):
 
 
 def test_cli_check_ok_and_rejected(catalog_file):
-    r = run_cli("check", "--catalog", str(catalog_file), stdin="```sql\nSELECT invoice_num FROM ap_invoices_all;\n```")
+    r = run_cli("check", "--catalog", str(catalog_file), stdin="```sql\nSELECT invoice_num FROM ap_invoices_all "
+                                                                    "WHERE org_id IN (:org_ids);\n```")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
-    assert v["ok"] is True and v["sql"] == "SELECT invoice_num FROM ap_invoices_all" and v["reasons"] == []
+    assert v["ok"] is True and v["sql"].endswith("ap_invoices_all WHERE org_id IN (:org_ids)") and v["binds"] == ["org_ids"]
     r = run_cli("check", "--catalog", str(catalog_file), stdin="SELECT ai.invoice_total FROM ap_invoices_all ai")
     assert r.returncode == 1
     v = json.loads(r.stdout)
@@ -523,7 +541,7 @@ def test_cli_context_security_filters(tmp_path):
 
 
 def test_cli_batch_in_order(catalog_file):
-    lines = [{"text": "SELECT invoice_num FROM ap_invoices_all", "id": "a"},
+    lines = [{"text": "SELECT invoice_num FROM ap_invoices_all WHERE org_id IN (:org_ids)", "id": "a"},
              {"text": "DROP TABLE ap_invoices_all"},
              {"text": "SELECT invoice_num FROM ap_invoices_all", "security_filters": ORG},
              {"text": "SELECT invoice_num FROM ap_invoices_all WHERE org_id IN (:org_ids)", "security_filters": ORG},
@@ -545,11 +563,11 @@ def test_cli_batch_in_order(catalog_file):
     (["check", "--batch"], '{"sql": "SELECT 1 FROM dual"}\n', 'must be an object with a "text"'),
     (["check", "--batch"], '{"text": "SELECT 1 FROM dual", "security_filters": "ORG_ID"}\n', "security_filters"),
     (["check", "--context", "/nonexistent/ctx.json"], "SELECT 1 FROM dual", "cannot read context"),
-    (["check", "--explain-dsn", "127.0.0.1:1/X"], "SELECT 1 FROM dual", "ORACLE_GUARD_USER"),
-    (["ask", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--question", "q"], "", "needs --context"),
+    (["check", "--explain-dsn", "127.0.0.1:1/X"], "SELECT 1 FROM dual", "ORACLE_USER"),
+    (["ask", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--question", "q"], "", "needs --catalog"),
 ])
 def test_cli_config_errors_exit_2_with_one_line(args, stdin, match):
-    r = run_cli(*args, stdin=stdin, env={"ORACLE_GUARD_USER": "", "ORACLE_GUARD_DSN": ""})
+    r = run_cli(*args, stdin=stdin, env={"ORACLE_USER": "", "ORACLE_DSN": ""})
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
@@ -681,11 +699,11 @@ def test_ask_cli_round_trip(fake_server, tmp_path, catalog_file):
     assert out["retried"] and out["ok"] and "attempt 1: rejected" in r.stderr and "attempt 2: ok" in r.stderr
 
 
-def test_ask_unreachable_endpoint_is_one_line_error(tmp_path):
+def test_ask_unreachable_endpoint_is_one_line_error(tmp_path, catalog_file):
     ctx = tmp_path / "ctx.json"
     ctx.write_text(json.dumps(CONTEXT))
-    r = run_cli("ask", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--question", "q", "--context", str(ctx),
-                "--timeout", "5")
+    r = run_cli("ask", "--base-url", "http://127.0.0.1:9", "--model", "m", "--question", "q", "--context", str(ctx),
+                "--timeout", "5", "--catalog", str(catalog_file))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "model endpoint call failed" in r.stderr
 
 

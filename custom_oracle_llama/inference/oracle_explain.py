@@ -60,7 +60,7 @@ def explain_statements(sql, statement_id):
 def explain_connect_params(dsn, user, timeout_s):
     """oracledb.connect keyword arguments (password added by the caller) and the call timeout in ms."""
     if not dsn or not user:
-        raise StageError("EXPLAIN needs a DSN and a user (ORACLE_GUARD_DSN / ORACLE_GUARD_USER)")
+        raise StageError("EXPLAIN needs a DSN and a user (ORACLE_DSN / ORACLE_USER)")
     if not timeout_s or timeout_s <= 0:
         raise StageError(f"EXPLAIN timeout must be > 0 seconds (got {timeout_s})")
     return {"dsn": dsn, "user": user, "tcp_connect_timeout": float(timeout_s), "retry_count": 0}, \
