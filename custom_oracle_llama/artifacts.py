@@ -1,8 +1,11 @@
 """Tiny helpers every stage needs: one error type, hashes, atomic writes, library versions."""
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -91,6 +94,115 @@ def atomic_dir(final, force: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- a set of output files published as one ----------------------------------------------------------------
+SET_JOURNAL = "publish.json"
+
+
+def _fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _locked(folder):
+    """An open fd holding an exclusive flock on `folder`, or None if another live process holds it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _roll_forward(journal: dict) -> None:
+    """Move every staged file still in its folder onto its final path, in journal order (idempotent), then drop
+    the folders, the journal's own folder last."""
+    for staged, final in journal["moves"]:
+        if os.path.lexists(staged):
+            os.replace(staged, final)
+    for parent in dict.fromkeys(str(Path(f).parent) for _, f in journal["moves"]):
+        _fsync_dir(parent)
+    for folder in journal["folders"]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _set_folders(parents, tag: str) -> list[Path]:
+    return [d for parent in parents if Path(parent).is_dir()
+            for d in sorted(Path(parent).glob(f".{tag}.build-*.partial")) if d.is_dir()]
+
+
+def recover_file_sets(parents, tag: str) -> list[str]:
+    """Finish or remove what a killed atomic_file_set left in `parents`: a committed set (journal present) is
+    published, an uncommitted one deleted. A folder a live build holds is an error. -> what was done, per folder."""
+    done, folders = [], _set_folders(parents, tag)
+    locks = []
+    try:
+        for d in folders:
+            fd = _locked(d)
+            if fd is None:
+                raise StageError(f"another build is writing these outputs right now ({d} is locked)")
+            locks.append(fd)
+        for d in folders:  # committed sets first: their folders in other parents must not be deleted as stale
+            if (d / SET_JOURNAL).is_file():
+                _roll_forward(read_json(d / SET_JOURNAL))
+                done.append(f"finished the interrupted publish of {d}")
+        for d in folders:
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+                done.append(f"removed the unfinished build folder {d}")
+    except OSError as e:
+        raise StageError(f"cannot clean up an earlier build's folder: {e}") from None
+    finally:
+        for fd in locks:
+            os.close(fd)
+    return done
+
+
+@contextmanager
+def atomic_file_set(finals, tag: str):
+    """Write several output files as one set. Yields {final path: staged path}; the block writes the staged paths
+    (any it leaves out are not published). Staged files live in hidden `.<tag>.build-<id>.partial` folders beside
+    their finals (same filesystem: publishing is renames), locked while the build runs. After the block a journal
+    is committed, then every file is renamed onto its final in `finals` order (put the manifest last) with SIGTERM
+    and SIGINT held, and the folders are removed. Killed before the commit: only a stale folder remains, which
+    recover_file_sets (run this first) deletes; killed during the renames: the next recover_file_sets finishes them.
+    On an exception the previous files stay as they were and the folders are removed."""
+    finals = [Path(p).absolute() for p in finals]
+    parents = list(dict.fromkeys(p.parent for p in finals))
+    build_id = f"{os.getpid()}-{secrets.token_hex(4)}"
+    folders, locks, committed = {}, [], False
+    try:
+        for parent in parents:
+            parent.mkdir(parents=True, exist_ok=True)
+            folders[parent] = parent / f".{tag}.build-{build_id}.partial"
+            folders[parent].mkdir(mode=0o700)
+            locks.append(_locked(folders[parent]))
+        staged = {p: folders[p.parent] / f"{i:02d}-{p.name}" for i, p in enumerate(finals)}
+        yield staged
+        journal = {"moves": [[str(s), str(f)] for f, s in staged.items() if s.exists()],
+                   "folders": [str(folders[p]) for p in reversed(parents)]}
+        for d in folders.values():
+            _fsync_dir(d)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            atomic_write_json(folders[parents[0]] / SET_JOURNAL, journal)
+            _fsync_dir(folders[parents[0]])
+            committed = True
+            _roll_forward(journal)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    finally:
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
+        if not committed:  # a committed set whose renames failed stays for recover_file_sets to finish
+            for d in folders.values():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def library_versions(*names: str) -> dict[str, str]:

@@ -12,23 +12,67 @@ import argparse
 import hashlib
 import json
 import re
+import signal
 import statistics
 import sys
+import threading
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import sqlglot
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, ParseError, TokenError
+from sqlglot.tokens import TokenType
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "inference"))
 
-from artifacts import (StageError, atomic_write_json, atomic_write_json_records, atomic_write_text,  # noqa: E402
-                       library_versions, sha256_file)
+from artifacts import (StageError, atomic_file_set, atomic_write_json, atomic_write_json_records,  # noqa: E402
+                       atomic_write_text, library_versions, recover_file_sets, sha256_file)
+from guardrail.codes import CODES  # noqa: E402
 from prompting import chat_messages, template_sha256  # noqa: E402
 import sql_guardrail  # noqa: E402
+
+
+# ---- limits and reject reasons: every rule in one place ---------------------------------------------------------
+MAX_LINE_BYTES = 1 << 20      # a raw line above this is not even parsed (a whole 8k-token prompt is ~40 kB)
+MAX_QUESTION_CHARS = 4000     # checked before any tokenizing: a question is a sentence or a paragraph, not a file
+UTF8_BOM = b"\xef\xbb\xbf"
+ORACLE = sqlglot.Dialect.get_or_raise("oracle")
+
+# The builder's own reasons; a guardrail verdict's first code (guardrail/codes.py CODES) is used as it is.
+REASONS = {
+    "empty_line": "blank line (or whitespace only)",
+    "invalid_utf8": "the line is not valid UTF-8 (only that line is rejected)",
+    "too_large": "line over --max_line_bytes or question over --max_question_chars: rejected before parsing on",
+    "invalid_json": "not one JSON value (syntax error, nesting too deep, a number too long)",
+    "schema": "valid JSON that is not a raw record (see the README)",
+    "no_table": "the gold SQL reads no table of its context/catalog (nor DUAL)",
+    "retrieval_failed": "--retrieve found no relevant tables for the question",
+    "check_error": "the guardrail could not check the record (its message is in the detail)",
+    "too_long": "prompt + answer over --model_max_length tokens",
+    "answer_too_long": "answer over --max_output_tokens tokens",
+    "duplicate": "same question (after Unicode/case/space normalization) as an earlier accepted record",
+    "duplicate_id": "same id as an earlier accepted record",
+    "split_leak": "its SQL is already on the other side of the train/holdout split",
+    **CODES,
+}
+# A gold answer is incomplete when one of these tokens has nothing after it (sqlglot's parser is lenient there:
+# "SELECT a, FROM t" and "... JOIN u ON" parse).
+NEEDS_OPERAND = {TokenType.SELECT, TokenType.DISTINCT, TokenType.FROM, TokenType.JOIN, TokenType.ON,
+                 TokenType.WHERE, TokenType.HAVING, TokenType.GROUP_BY, TokenType.ORDER_BY, TokenType.COMMA,
+                 TokenType.AND, TokenType.OR, TokenType.NOT, TokenType.IN, TokenType.LIKE, TokenType.BETWEEN,
+                 TokenType.IS, TokenType.EQ, TokenType.NEQ, TokenType.LT, TokenType.GT, TokenType.LTE,
+                 TokenType.GTE, TokenType.PLUS, TokenType.DASH, TokenType.SLASH, TokenType.DPIPE,
+                 TokenType.CONNECT_BY, TokenType.START_WITH}
+ENDS_OPERAND = {TokenType.FROM, TokenType.WHERE, TokenType.GROUP_BY, TokenType.ORDER_BY, TokenType.HAVING,
+                TokenType.R_PAREN, TokenType.COMMA, TokenType.UNION, TokenType.EXCEPT, TokenType.INTERSECT,
+                TokenType.SEMICOLON, TokenType.CONNECT_BY, TokenType.START_WITH}
 
 
 # ---- raw record schema (documented in the README) -------------------------------------------------------------
@@ -93,7 +137,89 @@ def context_catalog(context: dict, catalog: dict | None) -> dict:
 
 
 def normalize_question(q: str) -> str:
-    return re.sub(r"\s+", " ", q.strip().lower()).rstrip("?.! ")
+    """The duplicate key of a question: NFKC (full-width letters, compatibility forms), no zero-width/format
+    characters, case-folded, one space, no trailing punctuation."""
+    q = "".join(ch for ch in unicodedata.normalize("NFKC", q) if unicodedata.category(ch) != "Cf")
+    return re.sub(r"\s+", " ", q.casefold()).strip().rstrip("?.!;: ")
+
+
+def read_lines(f, max_line_bytes: int = MAX_LINE_BYTES):
+    """(line number, bytes or None when over max_line_bytes, bytes consumed) per line of a binary file. Lines end
+    at b"\\n" only (CRLF tolerated), so numbers are what `wc -l` and editors show; a UTF-8 BOM before line 1 is
+    dropped; an over-long line is skipped in chunks, never held whole."""
+    line_no = 0
+    while raw := f.readline(max_line_bytes + 2):
+        line_no += 1
+        if line_no == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]
+        consumed = len(raw)
+        if not raw.endswith(b"\n") and consumed >= max_line_bytes + 2:
+            while more := f.readline(1 << 20):
+                consumed += len(more)
+                if more.endswith(b"\n"):
+                    break
+            yield line_no, None, consumed
+            continue
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        body = body[:-1] if body.endswith(b"\r") else body
+        yield line_no, (body if len(body) <= max_line_bytes else None), consumed
+
+
+def filter_problems(context: dict, catalog: dict | None) -> list[str]:
+    """A security filter that cannot be applied is a hole, not a no-op: its table must be in the record's context
+    (and in the catalog), its column in that table, and its predicate must parse."""
+    tables = {t["name"].upper(): {c["name"].upper() for c in t["columns"]} for t in context["tables"]}
+    out = []
+    for i, f in enumerate(context["security_filters"]):
+        name, table, column = f"security_filters[{i}] ({f['table']}.{f['column']})", f["table"].upper(), f["column"]
+        if table not in tables:
+            out.append(f"{name}: table {f['table']!r} is not in the record's context")
+        elif catalog is not None and table not in catalog:
+            out.append(f"{name}: table {f['table']!r} is not in the catalog")
+        elif column.upper() not in tables[table] or (catalog is not None and column.upper() not in catalog[table]):
+            out.append(f"{name}: column {column!r} is not in table {table}")
+        else:
+            try:
+                sqlglot.parse_one(f["predicate"], read=ORACLE, error_level=ErrorLevel.IMMEDIATE)
+            except (ParseError, TokenError, RecursionError) as e:
+                out.append(f"{name}: predicate {f['predicate']!r} does not parse: {str(e).splitlines()[0][:200]}")
+    return out
+
+
+def gold_sql_key(sql: str, tables) -> tuple[str | None, str]:
+    """-> (None, split key) for a complete Oracle query that reads one of `tables` or DUAL, else (reason, detail).
+    The split key is the query without comments, quoting or case: records sharing it are one group."""
+    try:
+        tokens = ORACLE.tokenize(sql)
+        trees = [t for t in ORACLE.parser(error_level=ErrorLevel.IMMEDIATE).parse(tokens, sql) if t is not None]
+        if len(trees) != 1 or not isinstance(trees[0], exp.Query):
+            return "parse_error", "not exactly one SELECT / WITH query"
+        for tok, nxt in zip(tokens, tokens[1:] + [None]):
+            if tok.token_type in NEEDS_OPERAND and (nxt is None or nxt.token_type in ENDS_OPERAND):
+                return "parse_error", (f"incomplete query: nothing after {tok.text!r} (line {tok.line}, "
+                                       f"column {tok.col})")
+        tree, ctes = trees[0], set()
+        for node in tree.walk():
+            if isinstance(node, exp.Select) and not (node.expressions and (node.args.get("from_") or node.args.get("from"))):
+                return "parse_error", "incomplete query: a SELECT without a select list or FROM (Oracle needs both)"
+            if isinstance(node, exp.Group) and not any(node.args.get(k) for k in node.arg_types):
+                return "parse_error", "incomplete query: GROUP BY with nothing after it"
+            if isinstance(node, exp.Count) and node.this is None and not node.expressions:
+                return "parse_error", "incomplete query: COUNT() without an argument"
+            if isinstance(node, exp.CTE):
+                ctes.add(node.alias_or_name.upper())
+            node.comments = None
+        read = {t.name.upper() for t in tree.find_all(exp.Table)} - ctes
+        if not read & ({str(t).upper() for t in tables} | {"DUAL"}):
+            return "no_table", f"reads no table of its context/catalog (reads: {', '.join(sorted(read)) or 'none'})"
+        for ident in tree.find_all(exp.Identifier):
+            ident.set("this", ident.name.upper())
+            ident.set("quoted", False)
+        return None, tree.sql(dialect=ORACLE)
+    except (ParseError, TokenError) as e:
+        return "parse_error", f"not valid Oracle SQL: {str(e).splitlines()[0][:200]}"
+    except RecursionError:
+        return "parse_error", "not valid Oracle SQL: nesting too deep to parse"
 
 
 def holdout_bucket(key: str, seed: int) -> float:
@@ -106,43 +232,80 @@ def hashed_side(norm_sql: str, holdout_fraction: float, seed: int) -> str:
     return "holdout" if holdout_bucket(norm_sql, seed) < holdout_fraction else "train"
 
 
-def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict) -> tuple[dict | None, dict | None]:
-    """-> (accepted record, None) or (None, reject). Pure apart from sqlglot."""
+def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict,
+                    max_question_chars: int = MAX_QUESTION_CHARS) -> tuple[dict | None, dict | None]:
+    """-> (accepted record, None) or (None, reject). Pure apart from sqlglot; never raises on a bad line."""
+    def reject(reason, detail, rec_id=None):
+        return None, {"line": line_no, **({"id": rec_id} if rec_id else {}), "reason": reason, "detail": detail}
+
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return None, {"line": line_no, "reason": "invalid_json", "detail": f"invalid JSON: {e.msg} at column {e.colno}"}
+        return reject("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, 10,000 nested brackets
+        return reject("invalid_json", f"invalid JSON: {'nesting too deep' if isinstance(e, RecursionError) else e}")
     try:
         rec = RawRecord.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "record"
-        return None, {"line": line_no, "reason": "schema", "detail": f"{where}: {err['msg']}"}
+        return reject("schema", f"{where}: {err['msg']}")
+    except RecursionError:
+        return reject("schema", "record nested too deeply")
+    if len(rec.question) > max_question_chars:
+        return reject("too_large", f"question {len(rec.question)} characters > --max_question_chars "
+                                   f"{max_question_chars}", rec.id)
     context = rec.context.model_dump()
-    verdict = sql_guardrail.check_sql(rec.sql or rec.sql_gold, catalog=context_catalog(context, catalog),
-                                      policy=policy, security_filters=context["security_filters"])
+    allowed = context_catalog(context, catalog)
+    bad_filters = filter_problems(context, catalog)
+    if bad_filters:
+        return reject("security_filter", "; ".join(bad_filters), rec.id)
+    try:
+        verdict = sql_guardrail.check_sql(rec.sql or rec.sql_gold, catalog=allowed, policy=policy,
+                                          security_filters=context["security_filters"])
+    except StageError as e:  # the guardrail refuses a filter predicate it cannot apply
+        return reject("security_filter", str(e), rec.id)
+    except RecursionError:
+        return reject("parse_error", "not valid Oracle SQL: nesting too deep to check", rec.id)
+    except Exception as e:  # one odd record must not cost the others: reported with its line
+        return reject("check_error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else '-'}",
+                      rec.id)
     if not verdict["ok"]:
-        return None, {"line": line_no, "id": rec.id, "reason": verdict["codes"][0], "detail": "; ".join(verdict["reasons"])}
-    return {"line": line_no, "id": rec.id or f"line-{line_no}", "question": rec.question.strip(),
-            "sql": verdict["sql"], "norm_sql": sql_guardrail.normalized_sql(verdict["sql"]),
+        return reject(verdict["codes"][0], "; ".join(verdict["reasons"]), rec.id)
+    problem, key = gold_sql_key(verdict["sql"], allowed)
+    if problem:
+        return reject(problem, key, rec.id)
+    return {"line": line_no, "id": rec.id or f"line-{line_no}", "generated_id": not rec.id,
+            "question": rec.question.strip(), "sql": verdict["sql"], "norm_sql": key,
             "context": context, "split": rec.split, "tags": rec.tags}, None
 
 
 def dedupe_and_split(records: list[dict], holdout_fraction: float, seed: int) -> tuple[list, list, list]:
-    """-> (train, holdout, rejects). Same question twice: later one rejected. Same normalized SQL: same side."""
-    seen_q, group_side, train, holdout, rejects = {}, {}, [], [], []
+    """-> (train, holdout, rejects), over accepted records only. Same question or same id as an earlier kept
+    record: rejected. Same split key: same side. A generated id never takes an explicit one (suffix .2, .3...)."""
+    explicit = {r["id"] for r in records if not r.get("generated_id")}
+    seen_q, seen_id, group_side, train, holdout, rejects = {}, {}, {}, [], [], []
     for r in records:
         q = normalize_question(r["question"])
         if q in seen_q:
             rejects.append({"line": r["line"], "id": r["id"], "reason": "duplicate",
                             "detail": f"same question as line {seen_q[q]}"})
             continue
+        if not r.get("generated_id") and r["id"] in seen_id:
+            rejects.append({"line": r["line"], "id": r["id"], "reason": "duplicate_id",
+                            "detail": f"same id as line {seen_id[r['id']]}"})
+            continue
         side = r["split"] or group_side.get(r["norm_sql"]) or hashed_side(r["norm_sql"], holdout_fraction, seed)
         if group_side.setdefault(r["norm_sql"], side) != side:
             rejects.append({"line": r["line"], "id": r["id"], "reason": "split_leak",
                             "detail": f"its SQL is already in the {group_side[r['norm_sql']]} split"})
             continue
-        seen_q[q] = r["line"]
+        if r.get("generated_id"):
+            base, k = r["id"], 1
+            while r["id"] in explicit or r["id"] in seen_id:
+                k += 1
+                r["id"] = f"{base}.{k}"
+        seen_q[q], seen_id[r["id"]] = r["line"], r["line"]
         (holdout if side == "holdout" else train).append(r)
     return train, holdout, rejects
 
@@ -176,18 +339,56 @@ def count_tokens(backend, full: list[str], prompt_chars: list[int]) -> list[tupl
     return out
 
 
-def apply_token_limits(sft, counts, model_max_length, max_output_tokens):
+def apply_token_limits(records, counts, model_max_length, max_output_tokens):
+    """Before de-duplication: a too-long record must not make a later good twin a 'duplicate'."""
     kept, rejects = [], []
-    for r, (total, answer) in zip(sft, counts):
+    for r, (total, answer) in zip(records, counts):
         if total > model_max_length:
-            rejects.append({"line": r["_line"], "id": r["id"], "reason": "too_long",
+            rejects.append({"line": r["line"], "id": r["id"], "reason": "too_long",
                             "detail": f"{total} tokens > model_max_length {model_max_length}"})
         elif answer > max_output_tokens:
-            rejects.append({"line": r["_line"], "id": r["id"], "reason": "answer_too_long",
+            rejects.append({"line": r["line"], "id": r["id"], "reason": "answer_too_long",
                             "detail": f"answer {answer} tokens > max_output_tokens {max_output_tokens}"})
         else:
             kept.append({**r, "n_tokens": total})
     return kept, rejects
+
+
+def line_ranges(numbers: list[int], cap: int = 30) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"; after `cap` ranges: "... and N more lines"."""
+    ranges = []
+    for n in sorted(numbers):
+        if ranges and ranges[-1][1] == n - 1:
+            ranges[-1][1] = n
+        else:
+            ranges.append([n, n])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges[:cap])
+    rest = sum(b - a + 1 for a, b in ranges[cap:])
+    return text + (f" ... and {rest} more lines" if rest else "")
+
+
+def check_paths(inputs: dict, outputs: dict) -> None:
+    """Before anything is read or written: no two flags may name one file (also through a symlink or a hard
+    link), and no output may be a directory. {flag: path or None} each."""
+    seen = {}
+    for role, path in [*inputs.items(), *outputs.items()]:
+        if path is None:
+            continue
+        path = Path(path)
+        keys = [("path", str(path.resolve()))]
+        if path.exists():
+            st = path.stat()
+            keys.append(("file", st.st_dev, st.st_ino))
+        for key in keys:
+            if key in seen:
+                raise StageError(f"{role} and {seen[key]} are the same file ({path}): nothing read or written")
+        seen.update(dict.fromkeys(keys, role))
+    for role, path in outputs.items():
+        if path is not None and Path(path).is_dir():
+            raise StageError(f"{role} {path} is a directory")
+        if path is not None and (parent := next((p for p in Path(path).absolute().parents if p.exists()), None)) \
+                and not parent.is_dir():
+            raise StageError(f"{role} {path}: {parent} is not a directory")
 
 
 def catalog_from_contexts(records: list[dict]) -> dict:
@@ -233,30 +434,59 @@ def parse_args(argv=None):
     ap.add_argument("--holdout_fraction", type=float, default=0.0, help="share of SQL groups held out for eval")
     ap.add_argument("--holdout_out", help="output JSON for the holdout split (required if any record is holdout)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the hash-based split")
-    ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    ap.add_argument("--max_line_bytes", type=int, default=MAX_LINE_BYTES,
+                    help=f"a longer raw line is rejected unparsed as too_large (default {MAX_LINE_BYTES})")
+    ap.add_argument("--max_question_chars", type=int, default=MAX_QUESTION_CHARS,
+                    help=f"a longer question is rejected as too_large before tokenizing (default {MAX_QUESTION_CHARS})")
+    ap.add_argument("--force", action="store_true", help="replace an existing output set (never an input)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.holdout_fraction < 1.0:
         ap.error("--holdout_fraction must be in [0, 1)")
+    for flag in ("max_line_bytes", "max_question_chars", "model_max_length", "max_output_tokens"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be a positive integer")
     return args
+
+
+def _stop(signum, frame):
+    raise StageError(f"stopped by {signal.Signals(signum).name}: the previous outputs are unchanged (or, if "
+                     "publishing had begun, the complete new set)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
         return build(args)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def output_paths(args) -> dict:
+    """{flag: path} of every file the build writes, in publishing order: the manifest last."""
+    out = Path(args.output_sft)
+    stem = out.with_suffix("")
+    return {"--output_sft": out, "--holdout_out": Path(args.holdout_out) if args.holdout_out else None,
+            "--catalog_out": Path(args.catalog_out) if args.catalog_out else None,
+            "the rejects report (from --output_sft)": Path(f"{stem}.rejects.jsonl"),
+            "the manifest (from --output_sft)": Path(f"{stem}.manifest.json")}
 
 
 def build(args) -> int:
-    from tqdm import tqdm
-
-    raw_path, out_path = Path(args.input_raw), Path(args.output_sft)
-    stem = out_path.with_suffix("")
-    rejects_path, manifest_path = Path(f"{stem}.rejects.jsonl"), Path(f"{stem}.manifest.json")
-    outputs = [out_path, rejects_path, manifest_path] + [Path(p) for p in (args.holdout_out, args.catalog_out) if p]
-    if not args.force and (existing := [str(p) for p in outputs if p.exists()]):
+    raw_path = Path(args.input_raw)
+    outputs = output_paths(args)
+    check_paths({"--input_raw": raw_path, "--catalog": args.catalog, "--policy": args.policy}, outputs)
+    finals = [p for p in outputs.values() if p is not None]
+    out_path, rejects_path, manifest_path = finals[0], finals[-2], finals[-1]
+    tag = out_path.name
+    for done in recover_file_sets(list(dict.fromkeys(p.absolute().parent for p in finals)), tag):
+        print(f"note: {done}", file=sys.stderr)
+    if not args.force and (existing := [str(p) for p in finals if p.exists()]):
         raise StageError(f"output exists: {existing[0]} (pass --force to overwrite)")
     if not raw_path.is_file():
         raise StageError(f"input not found: {raw_path}")
@@ -270,87 +500,128 @@ def build(args) -> int:
         except (OSError, ValueError) as e:
             raise StageError(f"cannot load tokenizer from {args.tokenizer}: {str(e).splitlines()[0]}")
     try:
-        lines = raw_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StageError(f"cannot read {raw_path}: {e}")
+        with atomic_file_set(finals, tag) as staged:
+            result = build_into(args, raw_path, catalog, policy, tokenizer, staged, outputs)
+    except OSError as e:
+        raise StageError(f"cannot write the outputs: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+                         + " (nothing published; the previous outputs are unchanged)") from None
+    print(f"wrote {out_path} ({result['train']} train, {result['holdout']} holdout), rejects {rejects_path}, "
+          f"manifest {manifest_path}")
+    return 0
 
-    accepted, rejects, counting, chunk = [], [], [], []
-    with ThreadPoolExecutor(max_workers=1) as pool:
+
+def read_and_validate(args, raw_path, catalog, policy, tokenizer):
+    """-> (accepted records with their token counts, rejects, lines read): one pass over the raw file."""
+    from tqdm import tqdm
+
+    accepted, rejects, counting, chunk, n_lines = [], [], [], [], 0
+    try:
+        f = raw_path.open("rb")
+        size = raw_path.stat().st_size
+    except OSError as e:
+        raise StageError(f"cannot read {raw_path}: {e.strerror or e}") from None
+    with f, ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=size, desc="validate", unit="B", unit_scale=True, disable=size < (8 << 20)) as bar:
         def count_later(recs):  # the Rust tokenizer counts this chunk in the thread while Python validates on
             counting.append(pool.submit(count_tokens, tokenizer.backend_tokenizer, *chat_texts(tokenizer, recs)))
 
-        for line_no, text in enumerate(tqdm(lines, desc="validate", unit="rec", disable=len(lines) < 2000), start=1):
-            if not text.strip():
-                rejects.append({"line": line_no, "reason": "empty_line", "detail": "blank line"})
-                continue
-            rec, rej = validate_record(line_no, text, catalog, policy)
-            if rej:
-                rejects.append(rej)
-                continue
-            rec["sft"] = sft_record(rec)
-            accepted.append(rec)
-            if tokenizer is not None:
-                chunk.append(rec["sft"])
-                if len(chunk) == 256:
-                    count_later(chunk)
-                    chunk = []
+        try:
+            for n_lines, data, consumed in read_lines(f, args.max_line_bytes):
+                bar.update(consumed)
+                if data is None:
+                    rejects.append({"line": n_lines, "reason": "too_large",
+                                    "detail": f"line of {consumed} bytes > --max_line_bytes {args.max_line_bytes}"})
+                    continue
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rejects.append({"line": n_lines, "reason": "invalid_utf8",
+                                    "detail": f"byte 0x{data[e.start]:02x} at byte {e.start + 1} is not UTF-8"})
+                    continue
+                if not text.strip():
+                    rejects.append({"line": n_lines, "reason": "empty_line", "detail": "blank line"})
+                    continue
+                rec, rej = validate_record(n_lines, text, catalog, policy, args.max_question_chars)
+                if rej:
+                    rejects.append(rej)
+                    continue
+                rec["sft"] = sft_record(rec)
+                accepted.append(rec)
+                if tokenizer is not None:
+                    chunk.append(rec["sft"])
+                    if len(chunk) == 256:
+                        count_later(chunk)
+                        chunk = []
+        except OSError as e:
+            raise StageError(f"cannot read {raw_path}: {e.strerror or e}") from None
         if chunk:
             count_later(chunk)
-        counts = [c for f in counting for c in f.result()]
-    for rec, c in zip(accepted, counts):
-        rec["counts"] = c
+        counts = [c for fut in counting for c in fut.result()]
+    if tokenizer is not None:
+        accepted, too_long = apply_token_limits(accepted, counts, args.model_max_length, args.max_output_tokens)
+        rejects += too_long
+    return accepted, rejects, n_lines
+
+
+def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs: dict) -> dict:
+    """Validate, de-duplicate, split and write the whole set into `staged` paths (published by the caller)."""
+    accepted, rejects, n_lines = read_and_validate(args, raw_path, catalog, policy, tokenizer)
     train, holdout, split_rejects = dedupe_and_split(accepted, args.holdout_fraction, args.seed)
     rejects += split_rejects
+    rejects.sort(key=lambda r: r["line"])
     if holdout and not args.holdout_out:
         raise StageError(f"{len(holdout)} records are in the holdout split: pass --holdout_out")
-
-    splits = {"train": [{**r["sft"], "_line": r["line"]} for r in train],
-              "holdout": [{**r["sft"], "_line": r["line"]} for r in holdout]}
-    lengths = []
-    if tokenizer is not None:
-        for name, side in (("train", train), ("holdout", holdout)):
-            kept, too_long = apply_token_limits(splits[name], [r["counts"] for r in side], args.model_max_length,
-                                                args.max_output_tokens)
-            splits[name], rejects = kept, rejects + too_long
-            lengths += [r["n_tokens"] for r in kept]
-    rejects.sort(key=lambda r: r["line"])
-    n_ok = len(splits["train"]) + len(splits["holdout"])
-    assert n_ok + len(rejects) == len(lines), "every line is either accepted or rejected"
+    splits = {name: [{**r["sft"], "id": r["id"], **({"n_tokens": r["n_tokens"]} if "n_tokens" in r else {})}
+                     for r in side] for name, side in (("train", train), ("holdout", holdout))}
+    lengths = [r["n_tokens"] for side in splits.values() for r in side if "n_tokens" in r]
+    if len(train) + len(holdout) + len(rejects) != n_lines:
+        raise StageError(f"internal error: {n_lines} lines but {len(train) + len(holdout)} kept + "
+                         f"{len(rejects)} rejected")
     reason_counts = Counter(r["reason"] for r in rejects)
-    print_summary(reason_counts, len(lines), len(splits["train"]), len(splits["holdout"]), lengths)
-    if not splits["train"]:
-        raise StageError(f"no valid training records in {raw_path} ({len(rejects)} rejected, see the table above)")
+    print_summary(reason_counts, n_lines, len(train), len(holdout), lengths)
+    if not train:
+        by_reason = {}
+        for r in rejects:
+            by_reason.setdefault(r["reason"], []).append(r["line"])
+        where = "; ".join(f"{reason}: lines {line_ranges(lines)}" for reason, lines in by_reason.items())
+        first = (f"; first: line {rejects[0]['line']} {rejects[0]['reason']}: {rejects[0]['detail']}"
+                 if rejects else "")
+        raise StageError(f"no valid training records in {raw_path} ({len(rejects)} of {n_lines} lines rejected, "
+                         f"{len(holdout)} holdout; {where or 'empty file'}{first[:400]}); nothing written")
 
-    for recs in splits.values():
-        for r in recs:
-            r.pop("_line")
-    atomic_write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    atomic_write_json_records(out_path, splits["train"])
+    out_path, rejects_path, manifest_path = (outputs["--output_sft"], outputs["the rejects report (from --output_sft)"],
+                                             outputs["the manifest (from --output_sft)"])
+    s = {flag: staged[Path(p).absolute()] for flag, p in outputs.items() if p is not None}
+    atomic_write_text(s["the rejects report (from --output_sft)"],
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    atomic_write_json_records(s["--output_sft"], splits["train"])
     if args.holdout_out:
-        atomic_write_json_records(args.holdout_out, splits["holdout"])
+        atomic_write_json_records(s["--holdout_out"], splits["holdout"])
     seen_catalog = catalog if catalog is not None else catalog_from_contexts(splits["train"] + splits["holdout"])
     if args.catalog_out:
-        atomic_write_json(args.catalog_out, seen_catalog)
+        atomic_write_json(s["--catalog_out"], seen_catalog)
     manifest = {
         "dataset_id": args.dataset_id,
         "input_raw": str(raw_path), "input_sha256": sha256_file(raw_path),
-        "output_sft": str(out_path), "output_sha256": sha256_file(out_path),
-        "holdout_out": args.holdout_out, "holdout_sha256": sha256_file(args.holdout_out) if args.holdout_out else None,
+        "output_sft": str(out_path), "output_sha256": sha256_file(s["--output_sft"]),
+        "holdout_out": args.holdout_out,
+        "holdout_sha256": sha256_file(s["--holdout_out"]) if args.holdout_out else None,
+        "rejects": str(rejects_path), "rejects_sha256": sha256_file(s["the rejects report (from --output_sft)"]),
         "catalog_in_sha256": sha256_file(args.catalog) if args.catalog else None,
-        "catalog_out_sha256": sha256_file(args.catalog_out) if args.catalog_out else None,
+        "catalog_out_sha256": sha256_file(s["--catalog_out"]) if args.catalog_out else None,
         "prompt_template": "prompts/oracle_nl2sql_v1.jinja", "prompt_template_sha256": template_sha256(),
-        "counts": {"lines": len(lines), "train": len(splits["train"]), "holdout": len(splits["holdout"]),
+        "counts": {"lines": n_lines, "train": len(train), "holdout": len(holdout),
                    "rejected": dict(sorted(reason_counts.items()))},
         "tokens": ({"tokenizer": args.tokenizer, "min": min(lengths), "median": statistics.median(lengths),
                     "max": max(lengths), "model_max_length": args.model_max_length,
                     "max_output_tokens": args.max_output_tokens} if lengths else None),
+        "limits": {"max_line_bytes": args.max_line_bytes, "max_question_chars": args.max_question_chars},
         "holdout_fraction": args.holdout_fraction, "seed": args.seed,
         "sql_engine": sql_guardrail.SQLGLOT_IMPL["name"],
         "versions": library_versions("sqlglot", "sqlglotc", "pydantic", "transformers", "tokenizers", "jinja2"),
     }
-    atomic_write_json(manifest_path, manifest)
-    print(f"wrote {out_path} ({len(splits['train'])} train), rejects {rejects_path}, manifest {manifest_path}")
-    return 0
+    atomic_write_json(s["the manifest (from --output_sft)"], manifest)
+    return {"train": len(train), "holdout": len(holdout)}
 
 
 if __name__ == "__main__":
