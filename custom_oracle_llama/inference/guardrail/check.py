@@ -141,6 +141,9 @@ def check_sql(text, catalog=None, policy=None, security_filters=None, allow_dml=
         if first is not None and first.text.upper() in NON_QUERY_WORDS:
             return done(codes=["unsafe"], normalized=normalized, candidate_sql=sql,
                         reasons=[not_a_query(" ".join(t.text for t in head[:2]).upper(), allow_dml)])
+        if any(t.token_type == TokenType.PARAMETER for t in head):
+            return done(codes=["unsafe"], normalized=normalized, candidate_sql=sql,
+                        reasons=["database link (@): remote objects are not allowed"])
         if any(a.text.upper() == "VERSIONS" and b.token_type == TokenType.BETWEEN for a, b in zip(head, head[1:])):
             return done(codes=["unsafe"], normalized=normalized, candidate_sql=sql, reasons=[
                 "flashback version query (VERSIONS BETWEEN) reads past row versions: not allowed by the policy"])
