@@ -33,8 +33,10 @@ NAMED_SPECIAL = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_ri
 
 # Architecture: hidden and intermediate are multiples of 128 so W4A16 group-128 quantization applies to every
 # linear; head_dim 64 is a size vLLM's CPU attention supports; 4 query heads share 2 KV heads (GQA, like 64/8).
+# 8192 positions = the production max-model-len and training length, so seed-size prompts run end to end. RoPE has
+# no learned position weights: this number changes config.json only, never the built weights.
 CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
+              num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, rope_theta=500000.0,
               rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
 
 
