@@ -1,11 +1,14 @@
 """`make bench`: the speed and memory targets, measured side by side in one run as ratios (never timed tests).
 
 1. dataset builder vs the raw fast tokenizer on the same texts (>= 5,000 records with ~3k-token contexts; target >= 0.7)
-2. guardrail layers 1-4 p50/p99 per SQL over the demo SQL, pure-Python sqlglot vs sqlglotc (target p99 <= 5 ms)
+2. guardrail layers 1-4 p50/p99 per SQL over the demo SQL, pure-Python sqlglot vs sqlglotc (target p99 <= 5 ms);
+   and on a real-size catalog (30k tables, 1.2M columns): indexed .sqlite vs in-memory CSV, load + check and peak RSS
+   (target <= 1 s, <= 300 MB)
 3. streaming merge: peak RSS vs the largest shard of a multi-shard checkpoint (target <= 2x)
 4. eval throughput against the real vLLM server on the tiny model, concurrency 4 vs 1 (target >= 3x); by default the
    fine-tuned 4-bit package, whose answers are whole SQL queries (the base model stops after a few tokens)
 5. capacity-planner figures for LLaMA-3.3-70B (1xA100-80GB serving, 8xA100-80GB ZeRO-3 training)
+6. the guarded SQL service's added latency over calling vLLM + guardrail (ask) directly (target <= 5% at p50)
 
 Writes <out>/bench.json and <out>/bench.md (the README's table) and prints the table.
 """
@@ -111,6 +114,55 @@ def bench_guardrail(rounds: int) -> dict:
     return out
 
 
+CATALOG_SNIPPET = r"""
+import json, resource, statistics, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/inference"]
+t0 = time.perf_counter()
+import sql_guardrail as g
+catalog, policy = g.load_catalog(sys.argv[3]), g.load_policy()
+load_s = time.perf_counter() - t0
+recs = [json.loads(l) for l in open(sys.argv[2])]
+times = []
+for r in recs:
+    t = time.perf_counter()
+    v = g.check_sql(r["sql"], catalog=catalog, policy=policy, security_filters=r["context"]["security_filters"])
+    times.append((time.perf_counter() - t) * 1000)
+    assert v["ok"], v
+times.sort()
+print(json.dumps({"load_s": load_s, "first_check_ms": times[0], "p50_ms": statistics.median(times),
+                  "p99_ms": times[int(0.99 * (len(times) - 1))], "peak_rss_mb": resource.getrusage(
+                      resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_catalog_scale(tables: int, columns_per_table: int) -> dict:
+    """A real-size EBS dictionary (30k tables, 1.2M columns, the demo tables among them): index build once, then
+    load + check the demo SQL from the indexed .sqlite vs the same catalog as an in-memory CSV, each in a fresh
+    process (peak RSS is the whole process: Python, sqlglot, policy and catalog)."""
+    import csv
+    folder = ROOT / ".cache" / "bench-catalog"
+    folder.mkdir(parents=True, exist_ok=True)
+    src, index = folder / "all_tab_columns.csv", folder / "catalog.sqlite"
+    demo = json.loads((HERE / "ebs_catalog.json").read_text())
+    with open(src, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["OWNER", "TABLE_NAME", "COLUMN_NAME", "DATA_TYPE"])
+        for t, cols in demo.items():
+            w.writerows(("APPS", t, c, ty) for c, ty in cols.items())
+        for i in range(tables - len(demo)):
+            w.writerows(("XX", f"XX_TABLE_{i:05d}_ALL", f"COLUMN_{j:03d}", "VARCHAR2") for j in range(columns_per_table))
+    t0 = time.perf_counter()
+    import sql_guardrail
+    counts = sql_guardrail.build_catalog_index(src, index)
+    out = {"tables": counts["tables"], "columns": counts["columns"], "index_build_s": time.perf_counter() - t0}
+    for label, path in (("indexed", index), ("csv_in_memory", src)):
+        r = subprocess.run([sys.executable, "-c", CATALOG_SNIPPET, str(PKG), str(RAW), str(path)],
+                           capture_output=True, text=True, check=True)
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["rss_ratio"] = out["indexed"]["peak_rss_mb"] / out["csv_in_memory"]["peak_rss_mb"]
+    return out
+
+
 def bench_merge_rss(shards: int) -> dict:
     import lora_merge
     return lora_merge.bench_merge(shards, ROOT / ".cache" / "bench-merge")
@@ -146,8 +198,75 @@ def bench_eval(model_dir: Path, eval_data: Path, catalog: Path, limit: int) -> d
     return out
 
 
+def bench_service(model_dir: Path, catalog: Path, n: int, rounds: int) -> dict:
+    """The guarded service's added latency: the same questions through sql_service (HTTP, auth, queue, audit,
+    scope check) and through sql_guardrail.ask against the same vLLM directly, interleaved, concurrency 1."""
+    import httpx
+    import openai
+    import yaml
+    import sql_guardrail
+    from serve import free_port, running_server, stop_tree
+    recs = [json.loads(line) for line in RAW.read_text().splitlines()][:n]
+    policy, cat = sql_guardrail.load_policy(), sql_guardrail.load_catalog(catalog)
+    with tempfile.TemporaryDirectory() as tmp, running_server(model_dir, PKG / "inference" / "vllm_config_cpu.yaml",
+                                                              Path(tmp) / "vllm.log") as srv:
+        key = subprocess.run([sys.executable, str(PKG / "inference" / "service_keys.py"), "add-user", "--keys_file",
+                              f"{tmp}/keys.yaml", "--user", "bench", "--org_ids", "204"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        port, url = free_port(), srv["base_url"] + "/v1"
+        cfg = {"port": port, "backends": [url], "model": srv["model"], "catalog": str(catalog),
+               "keys_file": f"{tmp}/keys.yaml", "audit_log": f"{tmp}/audit.jsonl"}
+        Path(tmp, "service.yaml").write_text(yaml.safe_dump(cfg))
+        with open(Path(tmp) / "service.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, str(PKG / "inference" / "sql_service.py"), "--config",
+                                     f"{tmp}/service.yaml"], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(120):
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError(f"sql_service did not start: {(Path(tmp) / 'service.log').read_text()[-2000:]}")
+            client = openai.OpenAI(base_url=url, api_key="EMPTY", timeout=120, max_retries=0)
+            http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+
+            def direct(r):
+                t0 = time.perf_counter()
+                sql_guardrail.ask(url, srv["model"], r["question"], r["context"], cat, policy, client=client)
+                return (time.perf_counter() - t0) * 1000
+
+            def service(r):
+                t0 = time.perf_counter()
+                resp = http.post("/v1/sql", json={"question": r["question"], "context": r["context"]})
+                if resp.status_code != 200:
+                    raise RuntimeError(f"service answered {resp.status_code}: {resp.text[:300]}")
+                return (time.perf_counter() - t0) * 1000
+
+            for r in recs:  # warm-up: both paths then hit the same prefix cache
+                direct(r), service(r)
+            d_ms, s_ms = [], []
+            for i in range(rounds):
+                for j, r in enumerate(recs):
+                    pair = (direct, service) if (i + j) % 2 == 0 else (service, direct)
+                    first, second = pair[0](r), pair[1](r)
+                    d, s = (first, second) if pair[0] is direct else (second, first)
+                    d_ms.append(d)
+                    s_ms.append(s)
+            http.close()
+        finally:
+            stop_tree(proc, grace_s=10)
+    added = statistics.median(s - d for s, d in zip(s_ms, d_ms))
+    return {"requests": len(d_ms), "direct_p50_ms": statistics.median(d_ms), "service_p50_ms": statistics.median(s_ms),
+            "added_p50_ms": added, "added_share": added / statistics.median(s_ms), "model": model_dir.name}
+
+
 def markdown(res: dict) -> str:
     b, g, m, e, p = (res.get(k) for k in ("builder", "guardrail", "merge", "eval", "planner"))
+    sv = res.get("service")
     rows = [("what", "measured", "target")]
     if b:
         rows.append(("dataset builder vs raw fast tokenizer", f"{b['builder_examples_per_s']:.0f} vs "
@@ -158,6 +277,14 @@ def markdown(res: dict) -> str:
         rows.append(("guardrail layers 1-4, p50 / p99 per SQL", f"pure {g['pure']['p50_ms']:.2f} / "
                      f"{g['pure']['p99_ms']:.2f} ms; sqlglotc {g['sqlglotc']['p50_ms']:.2f} / "
                      f"**{g['sqlglotc']['p99_ms']:.2f} ms** ({g['p99_speedup']:.1f}x at p99)", "p99 <= 5 ms"))
+    c = res.get("catalog")
+    if c:
+        i, v = c["indexed"], c["csv_in_memory"]
+        rows.append((f"guardrail on a real-size catalog ({c['tables']:,} tables, {c['columns']:,} columns; index "
+                     f"built once in {c['index_build_s']:.0f} s)", f"indexed: load {i['load_s']:.2f} s, check p50 / "
+                     f"p99 {i['p50_ms']:.1f} / {i['p99_ms']:.1f} ms, peak RSS **{i['peak_rss_mb']:.0f} MB** vs CSV in "
+                     f"memory: load {v['load_s']:.1f} s, {v['peak_rss_mb']:.0f} MB (= {c['rss_ratio']:.2f}x)",
+                     "load + check <= 1 s, <= 300 MB"))
     if m:
         rows.append(("streaming merge peak RSS vs largest shard", f"{m['peak_rss_extra_bytes'] / 2**20:.0f} MiB vs "
                      f"{m['largest_shard_bytes'] / 2**20:.0f} MiB = **{m['peak_rss_over_largest_shard']:.2f}x** "
@@ -166,6 +293,11 @@ def markdown(res: dict) -> str:
         rows.append((f"eval throughput, concurrency 4 vs 1 (real vLLM, {e['model']}, {e['examples']} examples)",
                      f"{e['c4_examples_per_s']:.2f} vs {e['c1_examples_per_s']:.2f} examples/s = "
                      f"**{e['ratio']:.2f}x**", ">= 3x"))
+    if sv:
+        rows.append((f"guarded service's added latency over ask() on the same vLLM ({sv['model']}, {sv['requests']} "
+                     "requests, concurrency 1, p50 of paired differences)", f"{sv['service_p50_ms']:.0f} vs "
+                     f"{sv['direct_p50_ms']:.0f} ms end to end: +{sv['added_p50_ms']:.1f} ms = "
+                     f"**{100 * sv['added_share']:.1f}%**", "<= 5%"))
     if p:
         s, t = p["serve"], p["train"]
         rows.append(("70B serving plan, 1xA100-80GB (W4A16 g128)", f"weights {s['weights_bytes'] / 1e9:.1f} GB, KV "
@@ -190,9 +322,14 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=5000, help="builder records (1)")
     ap.add_argument("--context_tables", type=int, default=12, help="whole tables per builder context (1)")
     ap.add_argument("--guard_rounds", type=int, default=5, help="passes over the demo SQL (2)")
+    ap.add_argument("--catalog_tables", type=int, default=30000, help="tables of the synthetic dictionary (catalog)")
+    ap.add_argument("--catalog_columns", type=int, default=40, help="columns per synthetic table (catalog)")
     ap.add_argument("--merge_shards", type=int, default=4, help="shards of the merge checkpoint (3)")
     ap.add_argument("--eval_limit", type=int, default=16, help="eval examples per concurrency level (4)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: builder,guardrail,merge,eval,planner")
+    ap.add_argument("--service_questions", type=int, default=8, help="demo questions through the service (6)")
+    ap.add_argument("--service_rounds", type=int, default=3, help="passes over them, each path (6)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: builder,guardrail,catalog,merge,eval,planner,service")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="output folder")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -200,10 +337,13 @@ def main(argv=None) -> int:
                       f" GiB RAM, {platform.processor() or platform.machine()}, Python {platform.python_version()}"}
     parts = {"builder": lambda: bench_builder(Path(args.tiny_model), args.records, args.context_tables),
              "guardrail": lambda: bench_guardrail(args.guard_rounds),
+             "catalog": lambda: bench_catalog_scale(args.catalog_tables, args.catalog_columns),
              "merge": lambda: bench_merge_rss(args.merge_shards),
              "eval": lambda: bench_eval(Path(args.eval_model), Path(args.eval_data), Path(args.catalog),
                                         args.eval_limit),
-             "planner": bench_planner}
+             "planner": bench_planner,
+             "service": lambda: bench_service(Path(args.eval_model), Path(args.catalog), args.service_questions,
+                                              args.service_rounds)}
     for name, run in parts.items():
         if name not in skip:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
