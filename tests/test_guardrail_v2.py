@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import sql_guardrail as g
 from artifacts import StageError
 from guardrail.codes import CODES
-from test_sql_guardrail import CATALOG
+from test_sql_guardrail import CATALOG, fake_server  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "custom_oracle_llama" / "inference" / "sql_guardrail.py"
@@ -331,3 +331,20 @@ def test_random_read_only_queries_pass_and_injections_are_caught(sql, injection)
     injected = sql.replace("SELECT ", f"SELECT {fragment} AS x_, ", 1)
     v = check(injected, policy)
     assert not v["ok"] and code in v["codes"], (injected, v["reasons"])
+
+
+def test_ask_retrieves_the_context_when_none_is_given(fake_server, tmp_path):
+    """No --context: the question's context comes from retrieval over the schema (the builder's retriever), and the
+    prompt the model sees carries the retrieved tables."""
+    url, srv = fake_server
+    srv.answers = [(f"SELECT invoice_num FROM ap_invoices_all WHERE {F}", "stop")]
+    demo = ROOT / "custom_oracle_llama" / "demo"
+    r = subprocess.run([sys.executable, str(SCRIPT), "ask", "--base-url", url.removesuffix("/v1"), "--model", "ebs",
+                        "--question", "How many unpaid invoices does each supplier have?", "--schema",
+                        str(demo / "ebs_schema.json"), "--catalog", str(demo / "ebs_catalog.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["retrieval"]["schema_sha256"]
+    prompt = json.dumps(srv.requests[0])
+    assert "AP_INVOICES_ALL" in prompt and "AP_SUPPLIERS" in prompt

@@ -168,16 +168,12 @@ def _retrieved_context(args):
         return _load_context(args.context), None
     if not args.schema:
         raise StageError("ask needs --context FILE or --schema FILE (to retrieve the context for the question)")
-    import retrieve_context
-    index = retrieve_context.build_index(retrieve_context.load_schema(args.schema))
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    kw = {"max_context_tokens": args.max_context_tokens} if args.max_context_tokens else {}
-    context = retrieve_context.retrieve(index, args.question, tokenizer=tokenizer, **kw)
-    return validate_context(context, "retrieved context"), retrieve_context.retrieval_settings(
-        index, args.max_context_tokens or getattr(retrieve_context, "DEFAULT_MAX_CONTEXT_TOKENS", None))
+    import retrieve_context as rc
+    index = rc.build_index(rc.load_schema(args.schema))
+    tokenizer = rc.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    budget = args.max_context_tokens or rc.DEFAULT_MAX_CONTEXT_TOKENS
+    context = rc.retrieve(index, args.question, tokenizer=tokenizer, max_context_tokens=budget)
+    return validate_context(context, "retrieved context"), rc.retrieval_settings(index, budget, tokenizer)
 
 
 def _cmd_ask(args, policy, catalog):
