@@ -140,9 +140,10 @@ def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):
                                     "keys_file": str(tmp_path / "missing.yaml")}))
     r = subprocess.run([sys.executable, str(SERVICE), "--config", str(path)], capture_output=True, text=True,
                        timeout=60)
+    missing = tmp_path / "missing.yaml"
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: cannot read keys file {tmp_path / 'missing.yaml'}: No such file or directory (service_keys.py add-user "
-        "creates it)"], r.stderr
+        f"error: cannot read keys file {missing}: No such file or directory (service_keys.py add-user creates it)"], \
+        r.stderr
 
 
 # ---------------------------------------------------------------------------------------------- pure parts

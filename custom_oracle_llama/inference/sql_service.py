@@ -414,9 +414,14 @@ class Service:
         while len(self.recent) > self.cfg["feedback_window"]:
             self.recent.popitem(last=False)
 
-    def ask_one(self, url, question, context):
-        return ask(url, self.cfg["model"], question, context, self.catalog, self.policy,
-                   max_tokens=self.cfg["max_tokens"], timeout=self.cfg["backend_timeout_s"], client=self.clients[url])
+    def ask_scoped(self, url, question, context, scope):
+        """ask() (prompt -> model -> guardrail -> one retry), then the accepted query once more against the caller's
+        whole scope: every required filter of the catalog, a table the context did not name included."""
+        result = ask(url, self.cfg["model"], question, context, self.catalog, self.policy,
+                     max_tokens=self.cfg["max_tokens"], timeout=self.cfg["backend_timeout_s"], client=self.clients[url])
+        scoped = check_sql(result["sql"], catalog=self.catalog, policy=self.policy,
+                           security_filters=scope) if result["ok"] else None
+        return result, scoped
 
 
 def load_retrieval(cfg):
@@ -476,7 +481,6 @@ async def sql_route(body: SqlRequest, request: Request, caller: Caller = Depends
         audit["outcome"] = "bad_request"
         raise HTTPException(422, "no context in the request and no schema configured for retrieval")
     context = scoped_context(context, svc.required)
-    # the check after the model: every required filter of the catalog (a table the context did not name included)
     scope = merge_filters(svc.required, context["security_filters"])
     audit.update(context_source=source, context_sha256=sha256_hex(json.dumps(context, sort_keys=True)))
     svc.remember(request_id, {"user": caller.user, "question": body.question, "context": context, "scope": scope})
@@ -489,7 +493,7 @@ async def sql_route(body: SqlRequest, request: Request, caller: Caller = Depends
     audit["backend"] = url
     failed = True
     try:
-        result = await loop.run_in_executor(svc.pool, svc.ask_one, url, body.question, context)
+        result, scoped = await loop.run_in_executor(svc.pool, svc.ask_scoped, url, body.question, context, scope)
         failed = False
     except StageError as e:
         if not str(e).startswith("model endpoint call failed"):
@@ -504,12 +508,10 @@ async def sql_route(body: SqlRequest, request: Request, caller: Caller = Depends
 
     final = result["final"]
     ok, reasons, codes = result["ok"], list(final["reasons"]), list(final["codes"])
-    if ok:  # caller scope over the whole catalog (cheap: one more guardrail pass on an accepted query)
-        scoped = check_sql(result["sql"], catalog=svc.catalog, policy=svc.policy, security_filters=scope)
-        if not scoped["ok"]:
-            ok, reasons, codes = False, scoped["reasons"], scoped["codes"]
-    for a in result["attempts"]:
-        for code in a["verdict"]["codes"]:
+    if scoped is not None and not scoped["ok"]:
+        ok, reasons, codes = False, scoped["reasons"], scoped["codes"]
+    for verdict in [a["verdict"] for a in result["attempts"]] + ([scoped] if scoped else []):
+        for code in verdict["codes"]:
             svc.m["rejections"].labels(code).inc()
     if result["retried"]:
         svc.m["retries"].inc()
