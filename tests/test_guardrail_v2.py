@@ -21,6 +21,7 @@ from test_sql_guardrail import CATALOG, fake_server  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "custom_oracle_llama" / "inference" / "sql_guardrail.py"
+DEMO_CATALOG = g.load_catalog(ROOT / "custom_oracle_llama" / "demo" / "ebs_catalog.json")
 F = "org_id IN (:org_ids)"  # the MOAC predicate the shipped policy requires on every *_ALL table with ORG_ID
 
 
@@ -166,6 +167,32 @@ REAL = [
 def test_real_read_only_sql_is_not_blocked(name, sql, policy):
     v = check(sql, policy)
     assert v["ok"], v["reasons"]
+
+
+def _report_queries():
+    text = (ROOT / "tests" / "data" / "ebs_read_only_reports.sql").read_text()
+    return [(b.partition("\n")[0], b.partition("\n")[2].strip()) for b in text.split("-- name: ")[1:]]
+
+
+REPORTS = _report_queries()
+
+
+@pytest.mark.parametrize("name,sql", REPORTS, ids=[r[0] for r in REPORTS])
+def test_ebs_report_fixtures_pass_on_the_demo_catalog(name, sql, policy):
+    """tests/data/ebs_read_only_reports.sql: read-only EBS reports in the styles real sites write (old outer joins,
+    ROLLUP/GROUPING SETS, analytics, PIVOT/UNPIVOT, hierarchies, curated helpers, positional binds), MOAC applied."""
+    v = g.check_sql(sql, catalog=DEMO_CATALOG, policy=policy)
+    assert v["ok"], v["reasons"]
+
+
+def test_report_fixtures_fail_once_their_moac_filter_is_dropped(policy):
+    """The same reports with every `IN (:org_ids)` widened to a literal list are all refused: the fixtures exercise
+    the MOAC rule, they do not pass because nothing is checked."""
+    secured = [(n, s) for n, s in REPORTS if "(:org_ids)" in s and "hr_operating_units" not in s]
+    assert len(secured) >= 25
+    for name, sql in secured:
+        v = g.check_sql(sql.replace("(:org_ids)", "(81, 204)"), catalog=DEMO_CATALOG, policy=policy)
+        assert not v["ok"] and "security_filter" in v["codes"], name
 
 
 def test_optimizer_hints_switch_works(policy):

@@ -18,7 +18,7 @@ def check(q: Query) -> list:
             continue
         schema, table = ident(t.args.get("db")), ident(t.this)
         tables.setdefault(table, set()).add(ident(t.args["alias"].this) if t.alias else table)
-        if schema and schema in policy["_sets"]["blocked_schemas"]:
+        if schema and schema in policy["_sets"]["blocked_schemas"] and table != "DUAL":  # SYS.DUAL is everyone's
             out.append(Finding("unsafe", f"schema {schema} is blocked ({schema}.{table})"))
         elif glob(table, policy["blocked_table_patterns"]):
             out.append(Finding("unsafe", f"table {table} is blocked by the policy (dictionary/performance view)"))

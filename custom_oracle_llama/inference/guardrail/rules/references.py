@@ -212,13 +212,13 @@ def check(q: Query) -> list:
                                                        f"{qualifier} in scope, so Oracle would call it as a function; "
                                                        + reason)
                     continue
-                cols = resolver.columns_of(found) if catalog is not None else None
+                cols = resolver.columns_of(found)  # None for a physical table without a catalog
                 if cols is not None and name not in cols and name not in resolver.pseudo:
                     label = ident(found.this) if isinstance(found, exp.Table) else qualifier
                     add("unknown_column", f"{label}.{name}", f"unknown column {label}.{name}" + (
                         f" (alias {qualifier})" if label != qualifier else ""))
                 continue
-            if catalog is None or name in resolver.pseudo:
+            if name in resolver.pseudo:
                 continue
             setop = _set_operation_order(col)
             if setop is not None:
