@@ -103,6 +103,17 @@ ATTACKS = [
     ("dbms_random without parentheses", "SELECT DBMS_RANDOM.VALUE FROM dual", "unsafe", "DBMS_RANDOM"),
     ("dbms_lob write function", "SELECT DBMS_LOB.WRITEAPPEND(x, 1, 'a') FROM dual", "unsafe", "DBMS_LOB"),
     ("utl_http", "SELECT UTL_HTTP.REQUEST('http://evil') FROM dual", "unsafe", "UTL_HTTP"),
+    # dictionary views that reveal code, grants and links (also without a catalog)
+    ("all_source", "SELECT text FROM all_source WHERE name = 'XX_PAY_PKG'", "unsafe", "ALL_SOURCE"),
+    ("user_role_privs", "SELECT * FROM user_role_privs", "unsafe", "USER_ROLE_PRIVS"),
+    ("quoted v$", 'SELECT * FROM "V$SESSION"', "unsafe", "V$SESSION"),
+    # obfuscated spellings of blocked names
+    ("comments inside a dotted name", "SELECT DBMS_RANDOM/**/./**/VALUE FROM dual", "unsafe", "DBMS_RANDOM"),
+    ("quoted blocked package", 'SELECT "DBMS_RANDOM"."VALUE" FROM dual', "unsafe", "DBMS_RANDOM"),
+    ("quoted sys_context", "SELECT \"SYS_CONTEXT\"('USERENV', 'HOST') FROM dual", "unsafe", "USERENV.HOST"),
+    ("package inside TABLE()", "SELECT * FROM TABLE(xx_pkg.get_rows)", "unsafe", "XX_PKG.GET_ROWS"),
+    ("blind secret extraction in WHERE", "SELECT 1 FROM dual WHERE 1 = (SELECT COUNT(*) FROM fnd_user WHERE "
+                                         "encrypted_user_password LIKE 'A%')", "unsafe", "holds secrets"),
     # object methods and unknown functions
     ("uri type fetch", "SELECT HTTPURITYPE('http://evil/x').GETCLOB() FROM dual", "unsafe", "HTTPURITYPE"),
     ("unknown function", "SELECT xx_purge(1) FROM dual", "unsafe", "XX_PURGE"),
