@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "inference"))
 
 from artifacts import (StageError, atomic_file_set, atomic_write_json, atomic_write_json_records,  # noqa: E402
-                       atomic_write_text, library_versions, recover_file_sets, sha256_file)
+                       atomic_write_text, library_versions, read_json, recover_file_sets, sha256_file)
 from guardrail.codes import CODES  # noqa: E402
 from prompting import chat_messages, template_sha256  # noqa: E402
 import sql_guardrail  # noqa: E402
@@ -127,12 +127,11 @@ def context_catalog(context: dict, catalog: dict | None) -> dict:
     out = {}
     for t in context["tables"]:
         name = t["name"].upper()
-        if catalog is not None and name not in catalog:
+        known = catalog.get(name) if catalog is not None else None  # None: unknown (or ambiguous across owners)
+        if catalog is not None and known is None:
             continue
         cols = {c["name"].upper(): c.get("type", "") for c in t["columns"]}
-        if catalog is not None:
-            cols = {c: typ for c, typ in cols.items() if c in catalog[name]}
-        out[name] = cols
+        out[name] = cols if known is None else {c: typ for c, typ in cols.items() if c in known}
     return out
 
 
@@ -174,9 +173,9 @@ def filter_problems(context: dict, catalog: dict | None) -> list[str]:
         name, table, column = f"security_filters[{i}] ({f['table']}.{f['column']})", f["table"].upper(), f["column"]
         if table not in tables:
             out.append(f"{name}: table {f['table']!r} is not in the record's context")
-        elif catalog is not None and table not in catalog:
+        elif catalog is not None and catalog.get(table) is None:
             out.append(f"{name}: table {f['table']!r} is not in the catalog")
-        elif column.upper() not in tables[table] or (catalog is not None and column.upper() not in catalog[table]):
+        elif column.upper() not in tables[table] or (catalog is not None and column.upper() not in catalog.get(table)):
             out.append(f"{name}: column {column!r} is not in table {table}")
         else:
             try:
@@ -233,8 +232,9 @@ def hashed_side(norm_sql: str, holdout_fraction: float, seed: int) -> str:
 
 
 def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict,
-                    max_question_chars: int = MAX_QUESTION_CHARS) -> tuple[dict | None, dict | None]:
-    """-> (accepted record, None) or (None, reject). Pure apart from sqlglot; never raises on a bad line."""
+                    max_question_chars: int = MAX_QUESTION_CHARS, retriever=None) -> tuple[dict | None, dict | None]:
+    """-> (accepted record, None) or (None, reject). Pure apart from sqlglot (and `retriever`: question -> context,
+    StageError when nothing relevant, used for a record without a context); never raises on a bad line."""
     def reject(reason, detail, rec_id=None):
         return None, {"line": line_no, **({"id": rec_id} if rec_id else {}), "reason": reason, "detail": detail}
 
@@ -244,6 +244,17 @@ def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict,
         return reject("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
     except (ValueError, RecursionError) as e:  # a 5,000-digit number, 10,000 nested brackets
         return reject("invalid_json", f"invalid JSON: {'nesting too deep' if isinstance(e, RecursionError) else e}")
+    retrieved = False
+    if retriever is not None and isinstance(obj, dict) and obj.get("context") is None:
+        q = obj.get("question")
+        if isinstance(q, str) and q.strip() and len(q) <= max_question_chars:
+            try:
+                obj = {**obj, "context": retriever(q)}
+            except Exception as e:  # StageError: nothing relevant; anything else: still this line's problem only
+                detail = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
+                return reject("retrieval_failed", f"retrieval: {detail}"[:300],
+                              obj["id"] if isinstance(obj.get("id"), str) else None)
+            retrieved = True
     try:
         rec = RawRecord.model_validate(obj)
     except ValidationError as e:
@@ -277,7 +288,7 @@ def validate_record(line_no: int, text: str, catalog: dict | None, policy: dict,
         return reject(problem, key, rec.id)
     return {"line": line_no, "id": rec.id or f"line-{line_no}", "generated_id": not rec.id,
             "question": rec.question.strip(), "sql": verdict["sql"], "norm_sql": key,
-            "context": context, "split": rec.split, "tags": rec.tags}, None
+            "context": context, "split": rec.split, "tags": rec.tags, "retrieved": retrieved}, None
 
 
 def dedupe_and_split(records: list[dict], holdout_fraction: float, seed: int) -> tuple[list, list, list]:
@@ -418,6 +429,22 @@ def print_summary(counts: Counter, n_lines: int, n_train: int, n_holdout: int, l
     Console(stderr=True).print(table)
 
 
+def check_dataset(output_sft) -> dict:
+    """For readers: the manifest beside `output_sft` if every file it names has its recorded sha256, else
+    StageError (a set being published or left by a killed build: rerunning the builder finishes or replaces it)."""
+    stem = Path(output_sft).with_suffix("")
+    manifest_path = Path(f"{stem}.manifest.json")
+    if not manifest_path.is_file():
+        raise StageError(f"{output_sft}: no manifest {manifest_path.name} (not a finished builder output)")
+    m = read_json(manifest_path)
+    for path_key, hash_key in (("output_sft", "output_sha256"), ("holdout_out", "holdout_sha256"),
+                               ("rejects", "rejects_sha256"), ("catalog_out", "catalog_out_sha256")):
+        path = Path(output_sft) if path_key == "output_sft" else m.get(path_key)
+        if path and m.get(hash_key) and (not Path(path).is_file() or sha256_file(path) != m[hash_key]):
+            raise StageError(f"{path} does not match {manifest_path.name} (an interrupted or mixed output set)")
+    return m
+
+
 # ---- main -----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,10 +465,20 @@ def parse_args(argv=None):
                     help=f"a longer raw line is rejected unparsed as too_large (default {MAX_LINE_BYTES})")
     ap.add_argument("--max_question_chars", type=int, default=MAX_QUESTION_CHARS,
                     help=f"a longer question is rejected as too_large before tokenizing (default {MAX_QUESTION_CHARS})")
+    ap.add_argument("--retrieve", action="store_true",
+                    help="give a record without a 'context' the one retrieve_context.py retrieves from --schema "
+                         "(a record for which nothing relevant is found is rejected as retrieval_failed)")
+    ap.add_argument("--schema", help="schema JSON for --retrieve (shape of demo/ebs_schema.json)")
+    ap.add_argument("--max_context_tokens", type=int,
+                    help="--retrieve: token budget of the whole rendered prompt (default: retrieve_context's, 2048)")
     ap.add_argument("--force", action="store_true", help="replace an existing output set (never an input)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.holdout_fraction < 1.0:
         ap.error("--holdout_fraction must be in [0, 1)")
+    if args.retrieve != bool(args.schema):
+        ap.error("--retrieve and --schema go together")
+    if args.max_context_tokens is not None and not args.retrieve:
+        ap.error("--max_context_tokens needs --retrieve")
     for flag in ("max_line_bytes", "max_question_chars", "model_max_length", "max_output_tokens"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be a positive integer")
@@ -480,7 +517,8 @@ def output_paths(args) -> dict:
 def build(args) -> int:
     raw_path = Path(args.input_raw)
     outputs = output_paths(args)
-    check_paths({"--input_raw": raw_path, "--catalog": args.catalog, "--policy": args.policy}, outputs)
+    check_paths({"--input_raw": raw_path, "--catalog": args.catalog, "--policy": args.policy,
+                 "--schema": args.schema}, outputs)
     finals = [p for p in outputs.values() if p is not None]
     out_path, rejects_path, manifest_path = finals[0], finals[-2], finals[-1]
     tag = out_path.name
@@ -499,9 +537,18 @@ def build(args) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         except (OSError, ValueError) as e:
             raise StageError(f"cannot load tokenizer from {args.tokenizer}: {str(e).splitlines()[0]}")
+    retrieval = None
+    if args.retrieve:
+        import retrieve_context
+        index = retrieve_context.build_index(retrieve_context.load_schema(args.schema))
+        budget = args.max_context_tokens or retrieve_context.DEFAULT_MAX_CONTEXT_TOKENS
+        retrieval = {"retriever": lambda q: retrieve_context.retrieve(index, q, tokenizer=tokenizer,
+                                                                      max_context_tokens=budget),
+                     "manifest": {"schema": args.schema, "schema_file_sha256": sha256_file(args.schema),
+                                  "settings": retrieve_context.retrieval_settings(index, budget, tokenizer)}}
     try:
         with atomic_file_set(finals, tag) as staged:
-            result = build_into(args, raw_path, catalog, policy, tokenizer, staged, outputs)
+            result = build_into(args, raw_path, catalog, policy, tokenizer, staged, outputs, retrieval)
     except OSError as e:
         raise StageError(f"cannot write the outputs: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
                          + " (nothing published; the previous outputs are unchanged)") from None
@@ -510,7 +557,7 @@ def build(args) -> int:
     return 0
 
 
-def read_and_validate(args, raw_path, catalog, policy, tokenizer):
+def read_and_validate(args, raw_path, catalog, policy, tokenizer, retriever=None):
     """-> (accepted records with their token counts, rejects, lines read): one pass over the raw file."""
     from tqdm import tqdm
 
@@ -541,7 +588,7 @@ def read_and_validate(args, raw_path, catalog, policy, tokenizer):
                 if not text.strip():
                     rejects.append({"line": n_lines, "reason": "empty_line", "detail": "blank line"})
                     continue
-                rec, rej = validate_record(n_lines, text, catalog, policy, args.max_question_chars)
+                rec, rej = validate_record(n_lines, text, catalog, policy, args.max_question_chars, retriever)
                 if rej:
                     rejects.append(rej)
                     continue
@@ -563,9 +610,10 @@ def read_and_validate(args, raw_path, catalog, policy, tokenizer):
     return accepted, rejects, n_lines
 
 
-def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs: dict) -> dict:
+def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs: dict, retrieval=None) -> dict:
     """Validate, de-duplicate, split and write the whole set into `staged` paths (published by the caller)."""
-    accepted, rejects, n_lines = read_and_validate(args, raw_path, catalog, policy, tokenizer)
+    accepted, rejects, n_lines = read_and_validate(args, raw_path, catalog, policy, tokenizer,
+                                                   retrieval and retrieval["retriever"])
     train, holdout, split_rejects = dedupe_and_split(accepted, args.holdout_fraction, args.seed)
     rejects += split_rejects
     rejects.sort(key=lambda r: r["line"])
@@ -597,7 +645,8 @@ def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs
     atomic_write_json_records(s["--output_sft"], splits["train"])
     if args.holdout_out:
         atomic_write_json_records(s["--holdout_out"], splits["holdout"])
-    seen_catalog = catalog if catalog is not None else catalog_from_contexts(splits["train"] + splits["holdout"])
+    seen_catalog = ({t: dict(cols) for t, cols in catalog.items()} if catalog is not None
+                    else catalog_from_contexts(splits["train"] + splits["holdout"]))
     if args.catalog_out:
         atomic_write_json(s["--catalog_out"], seen_catalog)
     manifest = {
@@ -607,7 +656,7 @@ def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs
         "holdout_out": args.holdout_out,
         "holdout_sha256": sha256_file(s["--holdout_out"]) if args.holdout_out else None,
         "rejects": str(rejects_path), "rejects_sha256": sha256_file(s["the rejects report (from --output_sft)"]),
-        "catalog_in_sha256": sha256_file(args.catalog) if args.catalog else None,
+        "catalog_in_sha256": sha256_file(args.catalog) if args.catalog else None, "catalog_out": args.catalog_out,
         "catalog_out_sha256": sha256_file(s["--catalog_out"]) if args.catalog_out else None,
         "prompt_template": "prompts/oracle_nl2sql_v1.jinja", "prompt_template_sha256": template_sha256(),
         "counts": {"lines": n_lines, "train": len(train), "holdout": len(holdout),
@@ -615,6 +664,10 @@ def build_into(args, raw_path, catalog, policy, tokenizer, staged: dict, outputs
         "tokens": ({"tokenizer": args.tokenizer, "min": min(lengths), "median": statistics.median(lengths),
                     "max": max(lengths), "model_max_length": args.model_max_length,
                     "max_output_tokens": args.max_output_tokens} if lengths else None),
+        "retrieval": (None if retrieval is None else {
+            **retrieval["manifest"],
+            "retrieved_ids": [r["id"] for side in (train, holdout) for r in side if r.get("retrieved")],
+            "retrieval_failed_lines": [r["line"] for r in rejects if r["reason"] == "retrieval_failed"]}),
         "limits": {"max_line_bytes": args.max_line_bytes, "max_question_chars": args.max_question_chars},
         "holdout_fraction": args.holdout_fraction, "seed": args.seed,
         "sql_engine": sql_guardrail.SQLGLOT_IMPL["name"],

@@ -198,3 +198,40 @@ def test_make_dataset_on_demo_data(demo_dataset):
     assert not {r["question"].lower() for r in train} & {r["question"].lower() for r in holdout}
     catalog = json.loads(demo_dataset["catalog"].read_text())
     assert "AP_INVOICES_ALL" in catalog and demo_dataset["rejects"].read_text() == ""
+
+
+def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
+    """--retrieve --schema: records without a context get retrieve_context's; the manifest names them and the
+    settings; a question that matches no table is rejected with its line number."""
+    import retrieve_context
+    schema_path = PKG / "demo" / "ebs_schema.json"
+    demo = [json.loads(x) for x in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()]
+    lines = [json.dumps({k: v for k, v in r.items() if k != "context"}) for r in demo[:12]]
+    lines.insert(3, json.dumps({"id": "nothing", "question": "zzqx blorf wibble", "sql": "SELECT 1 FROM DUAL"}))
+    lines.append(json.dumps(demo[40]))  # has its own context: used as it is
+    raw = write_raw(tmp_path / "raw.jsonl", lines)
+    r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "sft.json"), "--dataset_id", "t",
+                "--retrieve", "--schema", str(schema_path), "--max_context_tokens", "1500")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "sft.manifest.json").read_text())
+    rejects = [json.loads(x) for x in (tmp_path / "sft.rejects.jsonl").read_text().splitlines()]
+    assert {"line": 4, "id": "nothing", "reason": "retrieval_failed",
+            "detail": "retrieval: no relevant tables for this question"} in rejects
+    index = retrieve_context.build_index(retrieve_context.load_schema(schema_path))
+    assert manifest["retrieval"]["settings"] == json.loads(json.dumps(
+        retrieve_context.retrieval_settings(index, 1500, None)))
+    assert manifest["retrieval"]["retrieval_failed_lines"] == [4]
+    kept = {x["id"]: x for x in json.loads((tmp_path / "sft.json").read_text())}
+    retrieved = set(manifest["retrieval"]["retrieved_ids"])
+    assert retrieved and retrieved <= {d["id"] for d in demo[:12]} and demo[40]["id"] in set(kept) - retrieved
+    for rid in retrieved:  # the prompt trained on is the one serving renders from the same retrieval
+        ctx = retrieve_context.retrieve(index, kept[rid]["question"], max_context_tokens=1500)
+        assert kept[rid]["context"] == builder.Context.model_validate(ctx).model_dump()
+        assert kept[rid]["conversations"][0] == builder.chat_messages(kept[rid]["question"], ctx)[0]
+    assert kept[demo[40]["id"]]["context"] == builder.Context.model_validate(demo[40]["context"]).model_dump()
+
+
+@pytest.mark.parametrize("flags", [["--retrieve"], ["--schema", "s.json"], ["--max_context_tokens", "900"]])
+def test_retrieve_flags_go_together(flags):
+    r = run_cli("--input_raw", "x", "--output_sft", "y", "--dataset_id", "z", *flags)
+    assert r.returncode == 2 and ("--retrieve" in r.stderr) and "Traceback" not in r.stderr

@@ -324,3 +324,102 @@ def test_all_invalid_names_the_lines_and_writes_nothing(tmp_path):
     assert len(error) == 1 and "invalid_json: lines 1, 3-4" in error[0] and "schema: lines 2" in error[0], r.stderr
     assert "empty_line: lines 5" in error[0] and "lines 6" in error[0] and "first: line 1 invalid_json" in error[0]
     assert snapshot(tmp_path) == before
+
+
+# ---- 7. the output set is atomic -------------------------------------------------------------------------------------
+def demo_lines(n: int, tag: str = "") -> list[str]:
+    return [json.dumps({**DEMO[i % len(DEMO)], "id": f"{tag}r{i}",
+                        "question": f"{DEMO[i % len(DEMO)]['question']} ({tag}v{i})"}) for i in range(n)]
+
+
+def set_args(raw, out_dir):
+    return [sys.executable, str(SCRIPT), "--input_raw", str(raw), "--output_sft", str(out_dir / "sft.json"),
+            "--dataset_id", "kill", "--catalog", str(CATALOG), "--holdout_fraction", "0.2",
+            "--holdout_out", str(out_dir / "holdout.json"), "--catalog_out", str(out_dir / "catalog.json"), "--force"]
+
+
+def staging_folders(out_dir):
+    return list(out_dir.glob(".sft.json.build-*.partial"))
+
+
+def start_and_wait_for_staging(args, out_dir):
+    """Popen the build and return (proc, seconds until its staging folder appeared: imports and checks done)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while not staging_folders(out_dir) and proc.poll() is None:
+        time.sleep(0.01)
+    return proc, time.monotonic() - t0
+
+
+def data_hashes(out_dir) -> dict:
+    return {n: hashlib.sha256((out_dir / n).read_bytes()).hexdigest()
+            for n in ("sft.json", "holdout.json", "sft.rejects.jsonl", "catalog.json")}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("n", [800, pytest.param(20_000, marks=pytest.mark.slow)])
+def test_kill_halfway_leaves_the_old_or_the_new_set(tmp_path, n, sig):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    out.mkdir(), ref.mkdir()
+    (tmp_path / "old.jsonl").write_text("\n".join(demo_lines(40, "old")) + "\n")
+    (tmp_path / "new.jsonl").write_text("\n".join(demo_lines(n)) + "\n")
+    assert subprocess.run(set_args(tmp_path / "old.jsonl", out), capture_output=True).returncode == 0
+    old = snapshot(tmp_path)
+    # a complete run of the new input elsewhere: its data files, and how long its work after start-up takes
+    t_begin = time.monotonic()
+    proc, t_start = start_and_wait_for_staging(set_args(tmp_path / "new.jsonl", ref), ref)
+    proc.communicate(timeout=900)
+    assert proc.returncode == 0
+    work, new = time.monotonic() - t_begin - t_start, data_hashes(ref)
+
+    proc, _ = start_and_wait_for_staging(set_args(tmp_path / "new.jsonl", out), out)
+    time.sleep(work / 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 2 and "stopped by SIGTERM" in err, err
+        assert not staging_folders(out)
+    state = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(("out/.", "ref/"))}
+    if state != {k: v for k, v in old.items() if not k.startswith("ref/")}:  # else: the complete new set
+        assert data_hashes(out) == new and builder.check_dataset(out / "sft.json")["counts"]["lines"] == n
+    if sig == signal.SIGKILL:  # what SIGKILL leaves is a hidden, locked-by-nobody folder, never an output
+        assert all(p.name.startswith(".sft.json.build-") for p in out.iterdir() if p.name.startswith("."))
+    again = subprocess.run(set_args(tmp_path / "new.jsonl", out), capture_output=True, text=True)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert data_hashes(out) == new and builder.check_dataset(out / "sft.json")
+    no_leftovers(tmp_path)
+
+
+CRASH_MID_PUBLISH = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import artifacts
+finals = [os.path.join(sys.argv[2], n) for n in ("a.json", "b.json", "manifest.json")]
+real_replace = os.replace
+with artifacts.atomic_file_set(finals, "a.json") as staged:
+    for final, tmp in staged.items():
+        tmp.write_text("new " + os.path.basename(final))
+    calls = []
+    def replace(src, dst):  # the journal's rename, then one published file, then the power goes out
+        calls.append(dst)
+        if len(calls) == 3:
+            os._exit(9)
+        real_replace(src, dst)
+    os.replace = replace
+"""
+
+
+def test_kill_during_publish_is_finished_by_the_next_run(tmp_path):
+    for n in ("a.json", "b.json", "manifest.json"):
+        (tmp_path / n).write_text("old " + n)
+    r = subprocess.run([sys.executable, "-c", CRASH_MID_PUBLISH, str(PKG), str(tmp_path)], capture_output=True)
+    assert r.returncode == 9
+    assert (tmp_path / "a.json").read_text() == "new a.json" and (tmp_path / "b.json").read_text() == "old b.json"
+    from artifacts import recover_file_sets
+    done = recover_file_sets([tmp_path], "a.json")
+    assert done and "finished the interrupted publish" in done[0]
+    assert {n: (tmp_path / n).read_text() for n in ("a.json", "b.json", "manifest.json")} == {
+        n: "new " + n for n in ("a.json", "b.json", "manifest.json")}
+    no_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "manifest.json"]
