@@ -124,8 +124,8 @@ def make_backend(args, catalog, examples):
     """{"name", "explain" (check_sql's explain argument), "execute" (sql -> result, or None), "mirror"}."""
     if args.oracle_dsn:
         import oracle_explain
-        user = os.environ.get("ORACLE_USER") or os.environ.get("ORACLE_GUARD_USER")
-        password = os.environ.get("ORACLE_PASSWORD", os.environ.get("ORACLE_GUARD_PASSWORD"))
+        user = os.environ.get("ORACLE_USER")
+        password = os.environ.get("ORACLE_PASSWORD")
         if not user or password is None:
             raise StageError("--oracle_dsn given but ORACLE_USER / ORACLE_PASSWORD are not set")
         oracle_explain.explain_connect_params(args.oracle_dsn, user, args.explain_timeout)

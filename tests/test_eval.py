@@ -232,7 +232,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("make_args,message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_exits_2_with_one_line(pred_inputs, tmp_path, make_args, message, monkeypatch):
-    for var in ("ORACLE_USER", "ORACLE_PASSWORD", "ORACLE_GUARD_USER", "ORACLE_GUARD_PASSWORD"):
+    for var in ("ORACLE_USER", "ORACLE_PASSWORD"):
         monkeypatch.delenv(var, raising=False)
     r = run_cli(*make_args(tmp_path, pred_inputs), "--out_dir", tmp_path / "out", timeout=120)
     assert r.returncode == 2, r.stderr

@@ -2,8 +2,8 @@
 
 No Oracle server exists on this machine, so: the exact statements sent, the ORA-/DPY- mapping, the configured
 timeouts (against a real listener that accepts and then stays silent, and a closed port), secrets never printed,
-and that rejected SQL never opens a connection. test_real_oracle_* run only when ORACLE_TEST_DSN (and
-ORACLE_TEST_USER / ORACLE_TEST_PASSWORD) point at a staging database.
+and that rejected SQL never opens a connection. test_real_oracle_* run only when ORACLE_DSN (and
+ORACLE_USER / ORACLE_PASSWORD) point at a staging database.
 """
 import os
 import socket
@@ -163,14 +163,14 @@ def test_cli_explain_failure_exits_2_and_hides_password():
     assert "cannot connect to Oracle DSN" in r.stderr and SECRET not in r.stderr and "Traceback" not in r.stderr
 
 
-REAL_DB = pytest.mark.skipif(not os.environ.get("ORACLE_TEST_DSN"),
-                             reason="no Oracle server on this machine: set ORACLE_TEST_DSN, ORACLE_TEST_USER and "
-                                    "ORACLE_TEST_PASSWORD to a staging database to run the real EXPLAIN tests")
+REAL_DB = pytest.mark.skipif(not os.environ.get("ORACLE_DSN"),
+                             reason="no Oracle server on this machine: set ORACLE_DSN, ORACLE_USER and "
+                                    "ORACLE_PASSWORD to a staging database to run the real EXPLAIN tests")
 
 
 def _real():
-    return (os.environ["ORACLE_TEST_DSN"], os.environ.get("ORACLE_TEST_USER", ""),
-            os.environ.get("ORACLE_TEST_PASSWORD", ""))
+    return (os.environ["ORACLE_DSN"], os.environ.get("ORACLE_USER", ""),
+            os.environ.get("ORACLE_PASSWORD", ""))
 
 
 @REAL_DB
