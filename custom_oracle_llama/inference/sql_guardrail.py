@@ -69,7 +69,6 @@ logging.getLogger("sqlglot").setLevel(logging.CRITICAL)
 SQLGLOT_IMPL["compiled"] = not str(getattr(_tokenizer_core, "__file__", "x.py")).endswith(".py")
 SQLGLOT_IMPL["name"] = "sqlglotc (compiled)" if SQLGLOT_IMPL["compiled"] else "sqlglot (pure python)"
 CONTEXT_KEYS = {"tables", "joins", "columns", "synonyms", "security_filters"}
-_first_line = first_line  # old private names, still used by callers being migrated
 
 
 class _Parser(argparse.ArgumentParser):
