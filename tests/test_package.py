@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -255,6 +256,55 @@ def test_group_size_must_divide_every_linear_input(config, group, ok):
             pkg.check_group_size(config, group)
 
 
+# ---- the quantization recipe is a data file ---------------------------------------------------------------------
+@pytest.mark.parametrize("method, modifiers", [("awq", ["AWQModifier", "QuantizationModifier"]),
+                                               ("gptq", ["GPTQModifier"])])
+def test_shipped_recipes_are_w4a16_group_128(method, modifiers):
+    path = pkg.recipe_file(method, None)
+    assert path == PKG / "config" / f"quant_{method}_w4a16.yaml"
+    r = pkg.load_recipe(path, None)
+    assert r["modifiers"] == modifiers and r["file_sha256"] == sha256_file(path)
+    assert pkg.scheme_of(r["weights"]) == "W4A16 symmetric int4, group 128"
+    assert all(m.get("ignore") == ["lm_head"] for m in pkg.modifiers_of(r["recipe"]).values() if "config_groups" in m)
+    assert pkg.scheme_of(pkg.load_recipe(path, 64)["weights"]) == "W4A16 symmetric int4, group 64"
+    assert pkg.load_recipe(path, None)["weights"], "--group_size rewrites a copy, never the file"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quant_stage: [\n", "cannot read quantization recipe"),
+    ("quant_stage:\n  quant_modifiers:\n    AWQModifier: {}\n", "not an llm-compressor quantization recipe"),
+    ("- just a list\n", "not an llm-compressor quantization recipe"),
+])
+def test_bad_recipe_file_refused(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(pkg.StageError, match=message):
+        pkg.load_recipe(path, None)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--base_model", "b", "--lora_adapter", "a", "--merged_out", "m", "--quant_out", "q"], "package"),
+    (["package", "--base_model", "b", "--lora_adapter", "a", "--merged_out", "m", "--quant_method", "none"], "package"),
+    (["verify", "q"], "verify"),
+    (["bench-merge", "--shards", "3"], "bench-merge"),
+])
+def test_subcommands_and_the_default_package(argv, command):
+    args = pkg.parse_args(argv)
+    assert args.command == command
+    if command == "package":
+        assert args.quant_method in ("awq", "none") and args.group_size is None and args.quant_recipe is None
+
+
+def test_recipe_and_group_size_refused_before_any_output(tiny_model_dir, adapter, sft_data, tmp_path):
+    common = ["--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", tmp_path / "m",
+              "--quant_out", tmp_path / "q", "--calib_data", sft_data]
+    r = run_cli(*common, "--quant_recipe", tmp_path / "absent.yaml")
+    assert "cannot read quantization recipe" in one_error_line(r)
+    r = run_cli(*common, "--group_size", 96)
+    assert "--group_size 96 does not divide" in one_error_line(r)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+
+
 def test_calibration_skips_long_conversations_never_truncates(tiny_model_dir, sft_data):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = json.loads(sft_data.read_text())
@@ -333,15 +383,22 @@ def assert_w4a16_checkpoint(quant: Path, group: int = 128) -> None:
 
 @pytest.mark.slow
 def test_gptq_end_to_end_reloads_and_generates(tiny_model_dir, adapter, sft_data, tmp_path):
-    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", tmp_path / "merged",
-                "--quant_out", tmp_path / "quant", "--quant_method", "gptq", "--calib_data", sft_data,
-                "--num_calib_samples", 16, "--calib_max_seq_len", 2048, "--num_eval_prompts", 4)
+    """Another scheme is another recipe file: the shipped GPTQ recipe with groups of 64, through --quant_recipe."""
+    recipe = tmp_path / "gptq_w4a16_g64.yaml"
+    recipe.write_text((PKG / "config" / "quant_gptq_w4a16.yaml").read_text().replace("group_size: 128",
+                                                                                   "group_size: 64"))
+    r = run_cli("package", "--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out",
+                tmp_path / "merged", "--quant_out", tmp_path / "quant", "--quant_recipe", recipe,
+                "--calib_data", sft_data, "--num_calib_samples", 16, "--calib_max_seq_len", 2048,
+                "--num_eval_prompts", 4)
     assert r.returncode == 0, r.stderr[-4000:]
     quant = tmp_path / "quant"
-    assert_w4a16_checkpoint(quant)
+    assert_w4a16_checkpoint(quant, group=64)
     m = json.loads((quant / pkg.MANIFEST).read_text())
     q = m["quantization"]
-    assert q["method"] == "gptq" and "GPTQModifier" in q["recipe_yaml"] and q["cpu_workarounds"] == []
+    assert q["method"] == "gptq_w4a16_g64" and q["modifiers"] == ["GPTQModifier"] and q["cpu_workarounds"] == []
+    assert "GPTQModifier" in q["recipe_yaml"] and q["scheme"] == "W4A16 symmetric int4, group 64"
+    assert q["recipe_file"] == str(recipe) and q["recipe_file_sha256"] == sha256_file(recipe)
     assert q["calibration"]["used"] == 16 and q["calibration"]["tokens"]["max"] <= 2048
     assert m["quality"]["prompts"] == 4 and 0 <= m["quality"]["top1_agreement"] <= 1
     assert m["merged"]["files_tree_sha256"] == json.loads((tmp_path / "merged" / pkg.MANIFEST).read_text())[
@@ -370,6 +427,8 @@ def test_packaged_demo_model_manifest_and_reload(packaged_model, demo_dataset, t
     assert m["merge"]["check"]["ok"] and m["base_identity"]["matches"]
     q = m["quantization"]
     assert q["method"] == "awq" and "AWQModifier" in q["recipe_yaml"] and "QuantizationModifier" in q["recipe_yaml"]
+    assert q["recipe_file_sha256"] == sha256_file(PKG / "config" / "quant_awq_w4a16.yaml")
+    assert q["recipe"] == yaml.safe_load((PKG / "config" / "quant_awq_w4a16.yaml").read_text())
     assert q["cpu_workarounds"], "the pin_memory workaround is applied (and recorded) on a CPU-only host"
     cal = q["calibration"]
     assert cal["max_seq_len"] == 1024 and cal["tokens"]["max"] <= 1024 and 0 < cal["used"] <= 64

