@@ -48,7 +48,7 @@ VLLM_CONFIG ?= $(PKG)/inference/vllm_config_cpu.yaml
 XIYAN_ROOT ?=
 
 .PHONY: help venv venv-serve tiny dataset train package serve service eval demo bench test test-fast clean-runs \
-  wheelhouse install-offline install-into-xiyan
+  wheelhouse install-offline install-into-xiyan check-distributed
 
 help:
 	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
@@ -113,6 +113,30 @@ $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py 
 	  $(PKG)/sft_oracle_llama70b_lora.py --model_name_or_path $(BASE_MODEL) --data_path $(SFT) \
 	  --output_dir $(ADAPTER) --model_max_length $(MAX_LEN) --use_lora True --q_lora False \
 	  --enable_dialect_router False --overwrite_output_dir True $(TRAIN_ARGS)
+
+# ---- the production launch files, run on CPU (issue 17): the shipped 8-GPU file as 8 ranks, and its 2x8 multi-node
+# sibling as 2 machines x 2 ranks on localhost with accelerate's multi-node flags. The files run as shipped: DeepSpeed
+# finds no GPU and uses its CPU accelerator (gloo), the entrypoint's use_cpu defaults to True without CUDA. Do NOT
+# add accelerate's --cpu: with DeepSpeed it skips the distributed launcher and trains ONE process. The command line
+# overrides only the rendezvous port (a shared box), the DeepSpeed JSON (as `make train` outside XiYan) and, for the
+# 2-machine run, the counts and the localhost address. Smallest run that proves it: 6 steps of 512-token examples.
+DIST := $(RUNS)/distributed
+DIST_PORT ?= 18417
+DIST_ARGS ?= --model_max_length 512 --max_steps 6 --learning_rate 5e-3 --per_device_train_batch_size 1 \
+  --gradient_checkpointing False --gradient_accumulation_steps 1 --logging_steps 1 --save_strategy no \
+  --warmup_steps 1 --weight_decay 0.0 --seed 0
+DIST_TRAIN = $(PKG)/sft_oracle_llama70b_lora.py --model_name_or_path $(BASE_MODEL) --data_path $(SFT) --use_lora True \
+  --q_lora False --overwrite_output_dir True $(DIST_ARGS)
+check-distributed: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py $(PKG)/config/accelerate_zero3_8gpu.yaml \
+    $(PKG)/config/accelerate_zero3_2x8gpu.yaml
+	$(VENV)/bin/accelerate launch --config_file $(PKG)/config/accelerate_zero3_8gpu.yaml \
+	  --main_process_port $(DIST_PORT) --deepspeed_config_file $(PKG)/config/dp_zero3.json \
+	  $(DIST_TRAIN) --output_dir $(DIST)/zero3_8gpu
+	pids=""; for rank in 0 1; do \
+	  $(VENV)/bin/accelerate launch --config_file $(PKG)/config/accelerate_zero3_2x8gpu.yaml --num_machines 2 \
+	    --num_processes 4 --machine_rank $$rank --main_process_ip 127.0.0.1 --main_process_port $$(($(DIST_PORT) + 1)) \
+	    --deepspeed_config_file $(PKG)/config/dp_zero3.json $(DIST_TRAIN) --output_dir $(DIST)/zero3_2x8gpu & \
+	  pids="$$pids $$!"; done; rc=0; for pid in $$pids; do wait $$pid || rc=1; done; exit $$rc
 
 # ---- stage 3: merge + 4-bit quantization + manifest ----------------------------------------------------------------
 CALIB_SAMPLES ?= 64

@@ -345,7 +345,9 @@ def train(argv=None, load_model=load_bf16_model) -> dict:
             "examples": {"train": len(train_ex), "dropped_too_long": dropped, "eval": len(eval_ex)},
             "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
             "global_step": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
-            "world_size": world, "zero3_partition_rank0": partition, "adapter": summary,
+            # machines = ranks / ranks per machine (torchrun's LOCAL_WORLD_SIZE, set on every node by accelerate)
+            "world_size": world, "num_machines": world // int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+            "zero3_partition_rank0": partition, "adapter": summary,
             "flops_per_token": fpt,
             "model_args": asdict(margs), "data_args": asdict(dargs),
             "training_args": json.loads(targs.to_json_string()),
