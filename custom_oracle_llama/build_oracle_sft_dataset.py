@@ -4,6 +4,10 @@ Every record is checked with the same guardrail the served model's answers go th
 query, only tables/columns from its context and the catalog, MOAC/RLS filters applied), de-duplicated, split into
 train/holdout without leakage (records sharing a normalized SQL stay on one side), and, with --tokenizer, measured
 in exact tokens through the model's chat template: too long is rejected with its count, never truncated.
+The gold SQL must also be a complete Oracle query reading a table (checked here with sqlglot, not left to the
+guardrail). A bad line is a reject with its line number (`wc -l` numbering) and reason, never a crash; the whole
+output set is staged beside the outputs and published in one step at the end (artifacts.atomic_file_set).
+With --retrieve --schema, records without a context get the one retrieve_context.py retrieves.
 
     python custom_oracle_llama/build_oracle_sft_dataset.py --input_raw raw.jsonl --output_sft sft.json \
         --dataset_id ebs_v1 --tokenizer MODEL_DIR --holdout_fraction 0.1 --holdout_out holdout.json
@@ -186,8 +190,9 @@ def filter_problems(context: dict, catalog: dict | None) -> list[str]:
 
 
 def gold_sql_key(sql: str, tables) -> tuple[str | None, str]:
-    """-> (None, split key) for a complete Oracle query that reads one of `tables` or DUAL, else (reason, detail).
-    The split key is the query without comments, quoting or case: records sharing it are one group."""
+    """-> (None, split key) for a complete Oracle query that reads one of `tables` or DUAL (tables=None: any),
+    else (reason, detail). The split key is the query without comments, quoting or case: records sharing it are one
+    group (for plain upper-case SQL it equals the guardrail's normalized_sql)."""
     try:
         tokens = ORACLE.tokenize(sql)
         trees = [t for t in ORACLE.parser(error_level=ErrorLevel.IMMEDIATE).parse(tokens, sql) if t is not None]
@@ -209,7 +214,7 @@ def gold_sql_key(sql: str, tables) -> tuple[str | None, str]:
                 ctes.add(node.alias_or_name.upper())
             node.comments = None
         read = {t.name.upper() for t in tree.find_all(exp.Table)} - ctes
-        if not read & ({str(t).upper() for t in tables} | {"DUAL"}):
+        if tables is not None and not read & ({str(t).upper() for t in tables} | {"DUAL"}):
             return "no_table", f"reads no table of its context/catalog (reads: {', '.join(sorted(read)) or 'none'})"
         for ident in tree.find_all(exp.Identifier):
             ident.set("this", ident.name.upper())
@@ -224,6 +229,12 @@ def gold_sql_key(sql: str, tables) -> tuple[str | None, str]:
 def holdout_bucket(key: str, seed: int) -> float:
     """Stable pseudo-random number in [0, 1) per group key: the split does not depend on input order."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+def split_key(sql: str) -> str:
+    """The builder's split key of one SQL text (what other stages must hash to reproduce its split)."""
+    problem, key = gold_sql_key(sql, None)
+    return " ".join(sql.split()) if problem else key
 
 
 def hashed_side(norm_sql: str, holdout_fraction: float, seed: int) -> str:

@@ -135,7 +135,8 @@ def test_cli_end_to_end_counts_rejects_and_limits(tmp_path, tiny_model_dir):
     raw = write_raw(tmp_path / "raw.jsonl", lines)
     out = tmp_path / "out" / "sft.json"
     r = run_cli("--input_raw", str(raw), "--output_sft", str(out), "--dataset_id", "t1", "--tokenizer",
-                str(tiny_model_dir), "--model_max_length", "1000", "--catalog_out", str(tmp_path / "cat.json"))
+                str(tiny_model_dir), "--model_max_length", "1000", "--catalog_out", str(tmp_path / "cat.json"),
+                "--max_question_chars", "10000")  # the long question must reach the token count
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert len(data) == 1 and data[0]["conversations"][1] == {"role": "assistant", "content": GOOD_SQL}

@@ -9,6 +9,8 @@
    fine-tuned 4-bit package, whose answers are whole SQL queries (the base model stops after a few tokens)
 5. capacity-planner figures for LLaMA-3.3-70B (1xA100-80GB serving, 8xA100-80GB ZeRO-3 training)
 6. the guarded SQL service's added latency over calling vLLM + guardrail (ask) directly (target <= 5% at p50)
+7. a 20,000-record dataset build (no tokenizer, demo catalog, 10% holdout): wall time and peak RSS of the CLI, beside
+   the guardrail alone on the same records (the floor the builder cannot beat)
 
 Writes <out>/bench.json and <out>/bench.md (the README's table) and prints the table.
 """
@@ -264,6 +266,40 @@ def bench_service(model_dir: Path, catalog: Path, n: int, rounds: int) -> dict:
             "added_p50_ms": added, "added_share": added / statistics.median(s_ms), "model": model_dir.name}
 
 
+def bench_build_records(n: int) -> dict:
+    """(7) The builder CLI on n demo-derived records in a subprocess: wall time and its own peak RSS (wait4)."""
+    import build_oracle_sft_dataset as builder
+    import sql_guardrail
+
+    demo = [json.loads(line) for line in RAW.read_text().splitlines()]
+    recs = [{**demo[i % len(demo)], "id": f"b{i}", "question": f"{demo[i % len(demo)]['question']} (v{i})"}
+            for i in range(n)]
+    catalog_path = HERE / "ebs_catalog.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.jsonl"
+        raw.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        cmd = [sys.executable, str(PKG / "build_oracle_sft_dataset.py"), "--input_raw", str(raw), "--output_sft",
+               f"{tmp}/out/sft.json", "--dataset_id", "bench", "--catalog", str(catalog_path),
+               "--holdout_fraction", "0.1", "--holdout_out", f"{tmp}/out/holdout.json"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        t_build = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"builder failed on the benchmark records ({status})")
+        raw_mb = raw.stat().st_size / 2**20
+    catalog, policy = sql_guardrail.load_catalog(catalog_path), sql_guardrail.load_policy()
+    sample = recs[:2000]  # the floor per record, from a sample
+    t0 = time.perf_counter()
+    for r in sample:
+        sql_guardrail.check_sql(r["sql"], catalog=builder.context_catalog(r["context"], catalog), policy=policy,
+                                security_filters=r["context"]["security_filters"])
+    guard_per_rec = (time.perf_counter() - t0) / len(sample)
+    return {"records": n, "raw_mb": raw_mb, "build_s": t_build, "records_per_s": n / t_build,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "guardrail_only_s": guard_per_rec * n,
+            "build_over_guardrail": t_build / (guard_per_rec * n)}
+
+
 def markdown(res: dict) -> str:
     b, g, m, e, p = (res.get(k) for k in ("builder", "guardrail", "merge", "eval", "planner"))
     sv = res.get("service")
@@ -298,6 +334,12 @@ def markdown(res: dict) -> str:
                      "requests, concurrency 1, p50 of paired differences)", f"{sv['service_p50_ms']:.0f} vs "
                      f"{sv['direct_p50_ms']:.0f} ms end to end: +{sv['added_p50_ms']:.1f} ms = "
                      f"**{100 * sv['added_share']:.1f}%**", "<= 5%"))
+    d = res.get("build_records")
+    if d:
+        rows.append((f"dataset build, {d['records']:,} records ({d['raw_mb']:.0f} MB raw, no tokenizer, catalog, 10% "
+                     "holdout), CLI end to end", f"**{d['build_s']:.0f} s** ({d['records_per_s']:.0f} records/s), peak "
+                     f"RSS **{d['peak_rss_mb']:.0f} MB**; guardrail alone on the same SQL {d['guardrail_only_s']:.0f} s "
+                     f"(= {d['build_over_guardrail']:.2f}x)", "measured"))
     if p:
         s, t = p["serve"], p["train"]
         rows.append(("70B serving plan, 1xA100-80GB (W4A16 g128)", f"weights {s['weights_bytes'] / 1e9:.1f} GB, KV "
@@ -321,6 +363,7 @@ def main(argv=None) -> int:
     ap.add_argument("--catalog", default=str(HERE / "ebs_catalog.json"), help="catalog for the eval (4)")
     ap.add_argument("--records", type=int, default=5000, help="builder records (1)")
     ap.add_argument("--context_tables", type=int, default=12, help="whole tables per builder context (1)")
+    ap.add_argument("--build_records", type=int, default=20000, help="records of the dataset build (7)")
     ap.add_argument("--guard_rounds", type=int, default=5, help="passes over the demo SQL (2)")
     ap.add_argument("--catalog_tables", type=int, default=30000, help="tables of the synthetic dictionary (catalog)")
     ap.add_argument("--catalog_columns", type=int, default=40, help="columns per synthetic table (catalog)")
@@ -329,7 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--service_questions", type=int, default=8, help="demo questions through the service (6)")
     ap.add_argument("--service_rounds", type=int, default=3, help="passes over them, each path (6)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated parts to skip: builder,guardrail,catalog,merge,eval,planner,service")
+                    help="comma-separated parts to skip: builder,guardrail,catalog,merge,eval,planner,service,"
+                         "build_records")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="output folder")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -341,6 +385,7 @@ def main(argv=None) -> int:
              "merge": lambda: bench_merge_rss(args.merge_shards),
              "eval": lambda: bench_eval(Path(args.eval_model), Path(args.eval_data), Path(args.catalog),
                                         args.eval_limit),
+             "build_records": lambda: bench_build_records(args.build_records),
              "planner": bench_planner,
              "service": lambda: bench_service(Path(args.eval_model), Path(args.catalog), args.service_questions,
                                               args.service_rounds)}
