@@ -423,3 +423,19 @@ def test_kill_during_publish_is_finished_by_the_next_run(tmp_path):
         n: "new " + n for n in ("a.json", "b.json", "manifest.json")}
     no_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "manifest.json"]
+
+
+def test_a_running_build_is_never_cleaned_up_by_another(tmp_path):
+    """A staging folder whose build is alive (its lock held) is not a stale one: a second build refuses to start."""
+    from artifacts import atomic_file_set
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(good(0) + "\n")
+    out = tmp_path / "sft.json"
+    with atomic_file_set([out], "sft.json") as staged:
+        r = subprocess.run([sys.executable, str(SCRIPT), "--input_raw", str(raw), "--output_sft", str(out),
+                            "--dataset_id", "t"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and "another build is writing these outputs" in r.stderr, r.stderr
+        assert staged[out.absolute()].parent.is_dir()
+        staged[out.absolute()].write_text("[]\n")
+    assert out.read_text() == "[]\n"
+    no_leftovers(tmp_path)
