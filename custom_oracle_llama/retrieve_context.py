@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,8 +48,9 @@ MAX_TABLES = 5                     # ranked tables kept before bridges; EBS ques
 REL_CUTOFF = 0.3                  # keep a ranked table only if it scores >= this share of the best table
 NAME_WEIGHT = 1.0                  # + this x best BM25 x share of the table's name words in the question
 NEIGHBOUR_CUTOFF = 0.1             # a join neighbour of a kept table joins if it scores >= this share of the best
-MAX_NEIGHBOURS = 2
-STEINER_RADIUS = 2                 # join hops searched around each chosen table for bridge tables
+MAX_NEIGHBOURS = 3
+BRIDGE_PATHS = 3                   # candidate detours per pair of chosen tables handed to the Steiner tree
+STEINER_MAX_HOPS = 3               # longest join path between two chosen tables that bridges may fill (2 bridges)
 HUB_DEGREE = 40                    # tables joined to more than this many (FND_USER, HR_OPERATING_UNITS, ...) are
                                    # reached but not expanded: they connect everything and explain nothing
 MATCHED_COLUMNS_PER_TABLE = 8      # lexically matched columns that are always kept (then by score under the budget)
@@ -66,7 +68,7 @@ NAME_NOISE = frozenset({"all", "b", "tl", "vl", "v", "header"})
 PHRASES = {"purchase order": "po", "purchasing": "po", "general ledger": "gl", "journal entry": "je",
            "journal": "je", "accounts payable": "ap", "payables": "ap", "accounts receivable": "ar",
            "receivables": "ar", "receiving": "rcv", "receipt": "rcv", "vendor": "supplier", "org": "organization",
-           "paid": "payment", "pay": "payment", "qty": "quantity", "amt": "amount", "num": "number", "inventory": "mtl", "material": "mtl",
+           "paid": "payment", "pay": "payment", "value": "amount", "price": "amount", "qty": "quantity", "amt": "amount", "num": "number", "inventory": "mtl", "material": "mtl",
            **{a: a for a in ("po", "je", "gl", "ap", "ar")},  # so that "POs" -> po
            # GL period names (JAN-24) and quarters (Q1) are periods
            **{f"{m}-\\d\\d": "period" for m in "jan feb mar apr may jun jul aug sep oct nov dec".split()},
@@ -79,6 +81,7 @@ those to us was we were what when where which who whose why will with would you 
 
 
 # ---- text -> terms ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1 << 16)
 def fold(word: str) -> str:
     """Plural folding, enough for schema English: invoices -> invoice, entries -> entry, statuses -> status."""
     if len(word) > 4 and word.endswith("ies"):
@@ -97,8 +100,13 @@ def _phrase_term(matched: str) -> str:
 def terms(text: str) -> list[str]:
     """Lower-case words of a question, description or identifier (VENDOR_NAME -> supplier, name), EBS vocabulary
     folded (PHRASES), stop words out."""
+    return list(_terms(text))
+
+
+@lru_cache(maxsize=1 << 18)  # schema text repeats a lot (every table's WHO columns, "Operating unit", ...)
+def _terms(text: str) -> tuple[str, ...]:
     text = _PHRASE.sub(lambda m: _phrase_term(m.group(1)), text.lower().replace("_", " "))
-    return [fold(w) for w in _WORD.findall(text) if w not in _STOP]
+    return tuple(fold(w) for w in _WORD.findall(text) if w not in _STOP)
 
 
 # ---- schema file ----------------------------------------------------------------------------------------------
@@ -199,19 +207,21 @@ class Index:
     graph: object                        # networkx.Graph of tables, one edge per joinable pair
     idf: dict[str, float]                # term -> IDF over the table documents (column scoring)
     column_terms: dict[str, dict[str, frozenset]]  # table -> column -> its terms
-    name_terms: list[frozenset]          # per BM25 document: the terms of the table's name (EBS suffixes out)
+    name_postings: dict                  # term -> (doc indices whose name core has it, 1 / size of that name core)
     identifier_terms: frozenset          # every term of every table/column name (numbers count only if in one)
     synonym_terms: list[tuple[tuple[str, ...], str, str]]  # (phrase terms, phrase, target)
     join_columns: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # pair -> [(lcol, rcol)]
+    join_lines: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)  # (a, b) -> [(position, join)]
+    position: dict[str, int] = field(default_factory=dict)  # table -> its BM25 document number
     build_seconds: float = 0.0
 
 
-def table_document(name: str, spec: dict, synonyms: list[str]) -> list[str]:
+def table_document(name: str, spec: dict, synonyms: list[str], column_terms: dict[str, tuple]) -> list[str]:
     """BM25 document of one table. The name and description count twice: they say what the table is about."""
     head = terms(name) + terms(spec["description"])
     doc = head + head + [t for s in synonyms for t in terms(s)]
-    for cname, col in spec["columns"].items():
-        doc += terms(cname) + terms(col["description"])
+    for words in column_terms.values():
+        doc += words
     return doc
 
 
@@ -227,13 +237,16 @@ def build_index(schema: dict) -> Index:
     """Build once per schema, reuse for every question (a validated schema: load_schema or validate_schema)."""
     import bm25s
     import networkx as nx
+    import numpy as np
 
     t0 = time.perf_counter()
     names = sorted(schema["tables"])
     syn_by_table = {}
     for phrase, target in schema["synonyms"].items():
         syn_by_table.setdefault(target.split(".")[0], []).append(phrase)
-    docs = [table_document(n, schema["tables"][n], syn_by_table.get(n, [])) for n in names]
+    column_words = {n: {c: _terms(c) + _terms(col["description"]) for c, col in schema["tables"][n]["columns"].items()}
+                    for n in names}
+    docs = [table_document(n, schema["tables"][n], syn_by_table.get(n, []), column_words[n]) for n in names]
     bm25 = bm25s.BM25()
     bm25.index(docs, show_progress=False)
     df = {}
@@ -245,21 +258,29 @@ def build_index(schema: dict) -> Index:
     graph = nx.Graph()
     graph.add_nodes_from(names)
     join_columns = {}
-    for j in schema["joins"]:
+    join_lines = {}
+    for pos, j in enumerate(schema["joins"]):
         (lt, lc), (rt, rc) = (_split_ref(s, "join") for s in j.split("="))
+        join_lines.setdefault((lt, rt), []).append((pos, j))  # one direction: listed once
         join_columns.setdefault((lt, rt), []).append((lc, rc))
         join_columns.setdefault((rt, lt), []).append((rc, lc))
         graph.add_edge(lt, rt)
     for u, v in graph.edges:  # hubs cost more: a path through HR_OPERATING_UNITS is rarely the intended one
         graph[u][v]["weight"] = 1.0 + 0.25 * math.log1p(max(graph.degree(u), graph.degree(v)))
-    column_terms = {n: {c: frozenset(terms(c) + terms(col["description"])) for c, col in spec["columns"].items()}
-                    for n, spec in schema["tables"].items()}
+    column_terms = {n: {c: frozenset(words) for c, words in cols.items()} for n, cols in column_words.items()}
     synonym_terms = sorted(((tuple(terms(p)), p, t) for p, t in schema["synonyms"].items()), key=lambda s: s[1])
-    name_terms = [name_core(n) for n in names]
-    identifier_terms = frozenset(t for n in names for t in terms(" ".join([n, *schema["tables"][n]["columns"]])))
+    postings = {}
+    for i, n in enumerate(names):
+        core = name_core(n)
+        for t in core:
+            postings.setdefault(t, []).append((i, 1.0 / len(core)))
+    name_postings = {t: (np.array([i for i, _ in p], dtype="int64"), np.array([w for _, w in p], dtype="float32"))
+                     for t, p in postings.items()}
+    identifier_terms = frozenset(t for n in names for c in [n, *schema["tables"][n]["columns"]] for t in _terms(c))
     return Index(schema=schema, sha256=schema_sha256(schema), names=names, bm25=bm25, graph=graph, idf=idf,
-                 column_terms=column_terms, name_terms=name_terms, identifier_terms=identifier_terms,
-                 synonym_terms=synonym_terms, join_columns=join_columns,
+                 column_terms=column_terms, name_postings=name_postings, identifier_terms=identifier_terms,
+                 synonym_terms=synonym_terms, join_columns=join_columns, join_lines=join_lines,
+                 position={n: i for i, n in enumerate(names)},
                  build_seconds=time.perf_counter() - t0)
 
 
@@ -289,11 +310,10 @@ def table_scores(index: Index, q_terms: list[str]):
         return np.zeros(len(index.names), dtype="float32")
     scores = index.bm25.get_scores(known).astype("float32")
     bonus = NAME_WEIGHT * float(scores.max())
-    q_set = set(known)
-    for i in np.flatnonzero(scores).tolist():
-        name = index.name_terms[i]
-        if name:
-            scores[i] += bonus * len(name & q_set) / len(name)
+    for t in known:  # tables whose name has the term: + bonus / number of words in the name
+        docs, shares = index.name_postings.get(t, (None, None))
+        if docs is not None:
+            scores[docs] += bonus * shares
     return scores
 
 
@@ -312,32 +332,58 @@ def rank_tables(index: Index, q_terms: list[str], forced: list[str]) -> list[str
     # ties broken by name so the choice never depends on numpy's partition order
     order = [i for i in sorted(top, key=lambda i: (-float(scores[i]), index.names[i])) if scores[i] >= REL_CUTOFF * best]
     ranked = [index.names[i] for i in order if index.names[i] not in chosen][:MAX_TABLES]
-    position = {n: i for i, n in enumerate(index.names)}
+    position = index.position
     neighbours = sorted({n for t in chosen + ranked for n in index.graph.neighbors(t)} - set(chosen) - set(ranked),
                         key=lambda n: (-float(scores[position[n]]), n))
     extra = [n for n in neighbours if scores[position[n]] >= NEIGHBOUR_CUTOFF * best][:MAX_NEIGHBOURS]
     return chosen + ranked + extra
 
 
-def connect_tables(index: Index, chosen: list[str]) -> list[str]:
-    """Chosen tables plus the bridge tables of a Steiner tree joining them (per connected group), bridges last."""
+def connect_tables(index: Index, chosen: list[str], cache: dict | None = None) -> list[str]:
+    """Chosen tables plus the bridge tables of a Steiner tree joining them (per connected group), bridges last.
+    Only short detours count (at most STEINER_MAX_HOPS joins between two chosen tables), so the tree is computed
+    on the handful of tables that lie on such paths, not on a 30k-table graph; hubs are passed through only when
+    chosen."""
     import networkx as nx
     from networkx.algorithms.approximation import steiner_tree
 
     if len(chosen) < 2:
         return list(chosen)
-    g = index.graph
-    near = set(chosen)
-    for t in chosen:  # the terminals' neighbourhood; hubs are reached but not expanded
-        frontier = {t}
-        for _ in range(STEINER_RADIUS):
-            nxt = set()
+    adj = index.graph.adj
+    reach = {} if cache is None else cache  # terminal -> {table: (hops, previous table on the path)}
+    for t in chosen:
+        if t in reach:
+            continue
+        seen, frontier = {t: (0, None)}, [t]
+        for d in range(1, STEINER_MAX_HOPS // 2 + 2):
+            nxt = []
             for u in frontier:
-                if u == t or g.degree(u) <= HUB_DEGREE:
-                    nxt.update(g.neighbors(u))
-            near |= nxt
+                if u != t and len(adj[u]) > HUB_DEGREE:
+                    continue
+                for v in adj[u]:
+                    if v not in seen:
+                        seen[v] = (d, u)
+                        nxt.append(v)
             frontier = nxt
-    sub = g.subgraph(near)
+        reach[t] = seen
+
+    def path(t, v):
+        out = []
+        while v is not None:
+            out.append(v)
+            v = reach[t][v][1]
+        return out
+
+    on_paths = set(chosen)
+    for i, a in enumerate(chosen):  # per pair, the BRIDGE_PATHS shortest detours, through the least-joined tables
+        for b in chosen[i + 1:]:
+            meets = [(reach[a][v][0] + reach[b][v][0], len(adj[v]), v) for v in reach[a].keys() & reach[b].keys()
+                     if reach[a][v][0] + reach[b][v][0] <= STEINER_MAX_HOPS]
+            for _, _, v in sorted(meets)[:BRIDGE_PATHS]:
+                on_paths.update(path(a, v), path(b, v))
+    sub = nx.Graph()
+    sub.add_nodes_from(sorted(on_paths))
+    sub.add_weighted_edges_from(sorted((u, v, adj[u][v]["weight"]) for u in on_paths for v in adj[u] if v in on_paths))
     bridges = set()
     for comp in nx.connected_components(sub):
         terminals = sorted(comp & set(chosen))
@@ -367,7 +413,7 @@ def assemble_context(index: Index, tables: list[str], kept: dict[str, set], desc
     schema = index.schema
     return {
         "tables": [_table_entry(index, t, kept[t], described[t]) for t in tables],
-        "joins": [j for j in schema["joins"] if all(s.strip().split(".")[0] in chosen for s in j.split("="))],
+        "joins": [j for _, j in sorted(pj for a in tables for b in tables for pj in index.join_lines.get((a, b), []))],
         "columns": [c for c in relevant if c.split(".")[1] in kept[c.split(".")[0]]],
         "synonyms": {p: t for p, t in sorted(synonyms.items()) if t.split(".")[0] in chosen},
         "security_filters": [{"table": t, "column": schema["security_filters"][t]["column"],
@@ -398,6 +444,14 @@ def prompt_tokens(question: str, context: dict, tokenizer=None) -> int:
     return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False))
 
 
+def line_tokens(index: Index, optional: list[tuple], tokenizer=None) -> list[int]:
+    """Tokens of each optional column's prompt line ("  - NAME TYPE"), counted the same way as prompt_tokens."""
+    lines = [f"\n  - {c} {index.schema['tables'][t]['columns'][c]['type']}" for _, t, c in optional]
+    if tokenizer is None:
+        return [math.ceil(len(line.encode()) / BYTES_PER_TOKEN_ESTIMATE) for line in lines]
+    return [len(e) for e in tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)]
+
+
 def token_counter_name(tokenizer) -> str:
     if tokenizer is None:
         return f"estimate: utf-8 bytes / {BYTES_PER_TOKEN_ESTIMATE} + 32"
@@ -411,9 +465,10 @@ def column_plan(index: Index, tables: list[str], q_set: frozenset, synonyms: dic
     schema = index.schema
     chosen = set(tables)
     required = {t: set(schema["tables"][t].get("primary_key", [])) for t in tables}
-    for (a, b), pairs in index.join_columns.items():
-        if a in chosen and b in chosen:
-            required[a].update(lc for lc, _ in pairs)
+    for a in tables:
+        for b in index.graph.adj[a]:
+            if b in chosen:
+                required[a].update(lc for lc, _ in index.join_columns[(a, b)])
     for t in tables:
         if t in schema["security_filters"]:
             required[t].add(schema["security_filters"][t]["column"])
@@ -453,30 +508,37 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
     ranked = rank_tables(index, q_terms, [t.split(".")[0] for t in synonyms.values()])
     if not ranked:
         raise StageError("no relevant tables for this question")
-    first_column = {t: next(iter(index.schema["tables"][t]["columns"])) for t in index.schema["tables"]}
+    reach = {}
     for n_ranked in range(len(ranked), 0, -1):
-        tables = connect_tables(index, ranked[:n_ranked])
+        tables = connect_tables(index, ranked[:n_ranked], reach)
         required, optional, relevant = column_plan(index, tables, q_set, synonyms)
 
         def build(n_optional: int) -> dict:
-            kept = {t: set(required[t]) or {first_column[t]} for t in tables}  # a bare table shows its first column
+            # a table with no key, join or match shows its first column
+            kept = {t: set(required[t]) or {next(iter(index.schema["tables"][t]["columns"]))} for t in tables}
             for _, t, c in optional[:n_optional]:
                 kept[t].add(c)
             return assemble_context(index, tables, kept, required, relevant, synonyms)
 
-        full = build(len(optional))
-        if prompt_tokens(question, full, tokenizer) <= max_context_tokens:
+        n_full = prompt_tokens(question, full := build(len(optional)), tokenizer)
+        if n_full <= max_context_tokens:
             return full
-        if prompt_tokens(question, build(0), tokenizer) > max_context_tokens:
+        n_min = prompt_tokens(question, build(0), tokenizer)
+        if n_min > max_context_tokens:
             continue
-        lo, hi = 0, len(optional)  # largest n with build(n) within budget: binary search, log2(n) exact counts
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if prompt_tokens(question, build(mid), tokenizer) <= max_context_tokens:
-                lo = mid
-            else:
-                hi = mid - 1
-        return build(lo)
+        # each optional column adds about its own line's tokens: take as many as that sum allows, then confirm with
+        # exact counts, stepping back by the overshoot (usually one or two counts instead of a binary search)
+        costs = line_tokens(index, optional, tokenizer)
+        n, total = 0, n_min
+        while n < len(optional) and total + costs[n] <= max_context_tokens:
+            total += costs[n]
+            n += 1
+        while n > 0 and (over := prompt_tokens(question, build(n), tokenizer) - max_context_tokens) > 0:
+            back = 0
+            while n > 0 and back < over:
+                n -= 1
+                back += costs[n]
+        return build(n)
     raise StageError(f"not even the key columns of {ranked[0]}, the best table for this question, fit "
                      f"max_context_tokens={max_context_tokens}")
 
@@ -485,7 +547,7 @@ def retrieval_settings(index: Index, max_context_tokens: int = DEFAULT_MAX_CONTE
     """What a dataset manifest records so serving retrieves with exactly the same settings and schema."""
     return {"schema_sha256": index.sha256, "method": METHOD, "max_context_tokens": max_context_tokens,
             "token_counter": token_counter_name(tokenizer), "template_sha256": template_sha256(),
-            "params": {"max_tables": MAX_TABLES, "rel_cutoff": REL_CUTOFF, "steiner_radius": STEINER_RADIUS,
+            "params": {"max_tables": MAX_TABLES, "rel_cutoff": REL_CUTOFF, "steiner_max_hops": STEINER_MAX_HOPS, "bridge_paths": BRIDGE_PATHS,
                        "hub_degree": HUB_DEGREE, "matched_columns_per_table": MATCHED_COLUMNS_PER_TABLE},
             "tables": len(index.names), "versions": library_versions("bm25s", "networkx", "numpy", "jinja2")}
 
@@ -580,6 +642,75 @@ def read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise StageError(f"{path} line {n}: invalid JSON: {e.msg}") from None
     return out
+
+
+# ---- scale benchmark (make bench) ------------------------------------------------------------------------------
+SYNTHETIC_WORDS = """account accrual adjustment agreement allocation approval asset balance bank batch billing budget
+calendar carrier category charge claim commitment contract cost credit currency customer cycle delivery demand
+deposit depreciation discount dispute document employee encumbrance expense forecast freight grade hierarchy
+installment interface job lease lookup lot margin meter milestone order package payroll pricing project quota rate
+reconciliation region release requisition reservation resource revenue route rule salary schedule segment serial
+service settlement shipment site source statement status subledger subscription tax template territory transfer
+trip unit usage valuation variance warehouse wave workflow""".split()
+SYNTHETIC_MODULES = "AR OE WSH CST BOM WIP PA FA CE IBY XLA ZX JTF CS OKC PN QP MSC ASO IEX".split()
+
+
+def synthetic_schema(n_tables: int, base: dict, seed: int = 0) -> dict:
+    """The demo schema plus n_tables - len(demo) generated EBS-like tables (module prefix, 8-40 columns with
+    descriptions, 1-3 foreign keys to earlier tables with preferential attachment, so some tables become hubs):
+    the demo questions then have to find their tables among n_tables."""
+    import random
+    rnd = random.Random(seed)
+    tables = {t: {"description": s["description"], "columns": dict(s["columns"])} for t, s in base["tables"].items()}
+    joins, filters = list(base["joins"]), dict(base["security_filters"])
+    names = list(tables)
+    by_module: dict[str, list[str]] = {}
+    types = ("NUMBER", "VARCHAR2(30)", "VARCHAR2(240)", "DATE", "VARCHAR2(1)")
+    while len(tables) < n_tables:
+        module, words = rnd.choice(SYNTHETIC_MODULES), rnd.sample(SYNTHETIC_WORDS, 2)
+        name = f"{module}_{words[0]}_{words[1]}_{len(tables)}".upper() + rnd.choice(["", "_ALL"])
+        cols = {f"{words[0]}_ID".upper(): {"type": "NUMBER", "description": f"{words[0].title()} identifier"}}
+        for _ in range(rnd.randint(8, 40)):
+            w = rnd.sample(SYNTHETIC_WORDS, 2)
+            cols[f"{w[0]}_{w[1]}".upper()] = {"type": rnd.choice(types), "description": f"{w[0].title()} {w[1]} of the {words[0]}"}
+        if name.endswith("_ALL"):
+            cols["ORG_ID"] = {"type": "NUMBER", "description": "Operating unit"}
+            filters[name] = {"column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}
+        # EBS modules are clusters: most keys point into the same module, some anywhere (a few tables become hubs)
+        own = by_module.setdefault(module, [])
+        parents = {rnd.choice(own[-300:]) if own and rnd.random() < 0.7 else rnd.choice(names)
+                   for _ in range(rnd.randint(1, 3))}
+        for parent in sorted(parents):
+            key = next(iter(tables[parent]["columns"]))
+            ref = f"{parent.split('_')[1]}_{key}"[:30]
+            cols.setdefault(ref, {"type": "NUMBER", "description": f"Reference to {parent}"})
+            joins.append(f"{name}.{ref} = {parent}.{key}")
+        tables[name] = {"description": f"{words[0].title()} {words[1]}s of {module}", "columns": cols}
+        names.append(name)
+        own.append(name)
+    return validate_schema({"tables": tables, "joins": joins, "synonyms": base["synonyms"], "security_filters": filters})
+
+
+def bench_retrieval(schema_path, raw_path, n_tables: int = 30000, tokenizer_dir=None,
+                    max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> dict:
+    """Index build time, per-question p50/p99 latency, peak RSS and recall of the demo questions on a synthetic
+    n_tables schema that contains the demo tables (run it in its own process: RSS is the process's)."""
+    import resource
+    base = load_schema(schema_path)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    schema = synthetic_schema(n_tables, base)
+    t_gen = time.perf_counter() - t0
+    index = build_index(schema)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    report = evaluate(index, read_jsonl(raw_path), tokenizer, max_context_tokens)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tables": len(schema["tables"]), "columns": sum(len(t["columns"]) for t in schema["tables"].values()),
+            "joins": len(schema["joins"]), "generate_s": round(t_gen, 2), "index_build_s": round(index.build_seconds, 2),
+            "latency_ms": report["latency_ms"], "questions": report["overall"]["questions"],
+            "table_recall": report["overall"]["table_recall"], "column_recall": report["overall"]["column_recall"],
+            "context_tokens": report["overall"]["context_tokens"], "peak_rss_mib": round(rss_mib),
+            "rss_before_mib": round(rss0 / 1024), "token_counter": token_counter_name(tokenizer)}
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------

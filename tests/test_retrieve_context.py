@@ -173,14 +173,17 @@ def test_budget_is_exact_with_the_real_chat_template(index, tokenizer):
         rc.retrieve(index, q, tokenizer, 300)
 
 
-def test_recall_on_demo_data_train_and_holdout(index):
-    report = rc.evaluate(index, [json.loads(line) for line in RAW.read_text().splitlines()])
+def test_recall_on_demo_data_train_and_holdout(index, tokenizer):
+    """The issue's goals on the demo data, with the budget counted by the real tokenizer: every gold table for
+    >= 95% of questions, every gold column for >= 90%, on the whole set and on the hashed holdout split."""
+    report = rc.evaluate(index, [json.loads(line) for line in RAW.read_text().splitlines()], tokenizer)
     assert report["overall"]["questions"] == 216
     assert report["train"]["questions"] + report["holdout"]["questions"] == 216 and report["holdout"]["questions"] > 0
-    assert report["overall"]["table_recall"] >= 0.9, report["overall"]
-    assert report["overall"]["column_recall"] >= 0.9, report["overall"]
-    assert report["holdout"]["table_recall"] >= 0.9, report["holdout"]
+    for split in ("overall", "holdout"):
+        assert report[split]["table_recall"] >= 0.95, report[split]
+        assert report[split]["column_recall"] >= 0.90, report[split]
     assert report["overall"]["context_tokens"]["max"] <= rc.DEFAULT_MAX_CONTEXT_TOKENS
+    assert not [m for m in report["misses"] if m["error"]]  # no question failed outright
 
 
 def test_gold_usage_resolves_aliases_and_ctes(schema):
@@ -215,10 +218,10 @@ def test_cli_question_batch_and_errors(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith(message) and len(r.stderr.splitlines()) == 1, (args, r.stderr)
 
 
-def test_cli_eval_prints_recall_json():
-    raw = "\n".join(RAW.read_text().splitlines()[:12]) + "\n"
-    r = subprocess.run([sys.executable, str(SCRIPT), "eval", "--schema", str(SCHEMA_PATH), "--raw", "/dev/stdin"],
-                       input=raw, capture_output=True, text=True, timeout=120)
+def test_cli_eval_prints_recall_json(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(RAW.read_text().splitlines()[:12]) + "\n")
+    r = _run("eval", "--schema", str(SCHEMA_PATH), "--raw", str(raw))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["overall"]["questions"] == 12
