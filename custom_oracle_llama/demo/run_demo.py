@@ -1,7 +1,9 @@
 """The serving half of `make demo` (after dataset -> train -> package): every step is a stage script, run as a user.
 
 1. vLLM serves the 4-bit package (inference/serve.py: capacity plan, then the real server, CPU YAML);
-2. a few holdout questions go through the guarded round trip (`sql_guardrail.py ask`);
+2. a few holdout questions go through the guarded round trip (`sql_guardrail.py ask`) with contexts retrieved for
+   the question alone (`retrieve_context.py --batch` on demo/ebs_schema.json, budget = what the server leaves for the
+   prompt), as a user who only has a question would ask them;
 3. the eval gate runs on the holdout, and on 10 TRAINING questions: the learned-model check (the fine-tuned model
    must reproduce >= 8 of 10 gold SQL through the full quantized vLLM path);
 4. the server is stopped and the merged bf16 model is served for the same 10 questions, to show what 4-bit costs;
@@ -24,6 +26,9 @@ from serve import running_server  # noqa: E402
 
 GUARD = PKG / "inference" / "sql_guardrail.py"
 EVAL = PKG / "eval_oracle_nl2sql.py"
+RETRIEVE = PKG / "retrieve_context.py"
+SCHEMA = HERE / "ebs_schema.json"
+ASK_PROMPT_TOKENS = 1536  # vllm_config_cpu.yaml: max-model-len 2048 minus the 512-token output cap
 
 
 # vLLM reads VLLM_API_KEY itself; the clients are told which variable holds it (never the key on a command line)
@@ -38,6 +43,17 @@ def run_eval(srv: dict, data: Path, catalog: Path, out_dir: Path, *extra: str) -
     if r.returncode == 2:
         raise StageError(f"eval failed on {data}: {r.stderr.strip().splitlines()[-1]}")
     return json.loads((out_dir / "report.json").read_text())["totals"]
+
+
+def retrieve_contexts(questions: list[str], tokenizer_dir: Path) -> list[dict]:
+    """One retrieved context per question: the retrieval stage script, one index build for all of them."""
+    r = subprocess.run([sys.executable, str(RETRIEVE), "--schema", str(SCHEMA), "--batch", "--tokenizer",
+                        str(tokenizer_dir), "--max_context_tokens", str(ASK_PROMPT_TOKENS)],
+                       input="".join(json.dumps({"question": q}) + "\n" for q in questions), capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise StageError(f"retrieval failed: {r.stderr.strip().splitlines()[-1]}")
+    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 def ask(srv: dict, record: dict, catalog: Path, tmp: Path) -> dict:
@@ -71,10 +87,12 @@ def main(argv=None) -> int:
         learned = ("--limit", str(args.n_train), "--min_exact_match", str(args.min_learned))
         with running_server(quant, args.config, out / "vllm-quant.log") as srv:
             print(f"vLLM serving {quant} at {srv['base_url']} (up in {srv['startup_s']:.0f} s)")
-            for rec in holdout[:args.n_ask]:
-                res = ask(srv, rec, catalog, out)
+            asked = holdout[:args.n_ask]
+            for rec, ctx in zip(asked, retrieve_contexts([r["question"] for r in asked], quant)):
+                res = ask(srv, {**rec, "context": ctx}, catalog, out)
                 final = res["final"]
-                print(f"\nQ: {rec['question']}\n-> {'OK' if final['ok'] else 'REJECTED'}"
+                print(f"\nQ: {rec['question']}\n   retrieved: {', '.join(t['name'] for t in ctx['tables'])}"
+                      f"\n-> {'OK' if final['ok'] else 'REJECTED'}"
                       f"{' after retry' if res['retried'] else ''}: {final['sql'] or final['reasons']}")
             holdout_totals = run_eval(srv, data / "ebs_holdout.json", catalog, runs / "eval" / "holdout")
             quant_totals = run_eval(srv, data / "ebs_sft.json", catalog, runs / "eval" / "train10-quant", *learned)
