@@ -11,6 +11,9 @@
 6. the guarded SQL service's added latency over calling vLLM + guardrail (ask) directly (target <= 5% at p50)
 7. a 20,000-record dataset build (no tokenizer, demo catalog, 10% holdout): wall time and peak RSS of the CLI, beside
    the guardrail alone on the same records (the floor the builder cannot beat)
+8. schema retrieval on a synthetic 30,000-table schema that contains the demo tables: index build time, per-question
+   p50/p99 latency with the exact token budget, peak RSS, and the demo questions' recall among 30k tables
+   (target p99 <= 50 ms)
 
 Writes <out>/bench.json and <out>/bench.md (the README's table) and prints the table.
 """
@@ -300,6 +303,15 @@ def bench_build_records(n: int) -> dict:
             "build_over_guardrail": t_build / (guard_per_rec * n)}
 
 
+def bench_retrieval(tokenizer_dir: Path, n_tables: int) -> dict:
+    """In its own process, so its peak RSS is the retriever's (schema + index + tokenizer), not the bench's."""
+    snippet = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import retrieve_context as rc; "
+               "print(json.dumps(rc.bench_retrieval(sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])))")
+    r = subprocess.run([sys.executable, "-c", snippet, str(PKG), str(PKG / "inference"), str(SCHEMA), str(RAW),
+                        str(n_tables), str(tokenizer_dir)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def markdown(res: dict) -> str:
     b, g, m, e, p = (res.get(k) for k in ("builder", "guardrail", "merge", "eval", "planner"))
     sv = res.get("service")
@@ -340,6 +352,13 @@ def markdown(res: dict) -> str:
                      "holdout), CLI end to end", f"**{d['build_s']:.0f} s** ({d['records_per_s']:.0f} records/s), peak "
                      f"RSS **{d['peak_rss_mb']:.0f} MB**; guardrail alone on the same SQL {d['guardrail_only_s']:.0f} s "
                      f"(= {d['build_over_guardrail']:.2f}x)", "measured"))
+    rv = res.get("retrieval")
+    if rv:
+        rows.append((f"schema retrieval, synthetic {rv['tables']:,}-table schema ({rv['columns']:,} columns, "
+                     f"{rv['joins']:,} joins), {rv['questions']} demo questions, exact token budget",
+                     f"index build {rv['index_build_s']:.0f} s; p50 / p99 **{rv['latency_ms']['p50']:.0f} / "
+                     f"{rv['latency_ms']['p99']:.0f} ms** per question; peak RSS {rv['peak_rss_mib']:,} MiB; all gold "
+                     f"tables {rv['table_recall']:.0%}, columns {rv['column_recall']:.0%}", "p99 <= 50 ms"))
     if p:
         s, t = p["serve"], p["train"]
         rows.append(("70B serving plan, 1xA100-80GB (W4A16 g128)", f"weights {s['weights_bytes'] / 1e9:.1f} GB, KV "
@@ -371,9 +390,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_limit", type=int, default=16, help="eval examples per concurrency level (4)")
     ap.add_argument("--service_questions", type=int, default=8, help="demo questions through the service (6)")
     ap.add_argument("--service_rounds", type=int, default=3, help="passes over them, each path (6)")
+    ap.add_argument("--retrieval_tables", type=int, default=30000, help="tables of the synthetic schema (8)")
     ap.add_argument("--skip", default="",
                     help="comma-separated parts to skip: builder,guardrail,catalog,merge,eval,planner,service,"
-                         "build_records")
+                         "build_records,retrieval")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="output folder")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -387,6 +407,7 @@ def main(argv=None) -> int:
                                         args.eval_limit),
              "build_records": lambda: bench_build_records(args.build_records),
              "planner": bench_planner,
+             "retrieval": lambda: bench_retrieval(Path(args.tiny_model), args.retrieval_tables),
              "service": lambda: bench_service(Path(args.eval_model), Path(args.catalog), args.service_questions,
                                               args.service_rounds)}
     for name, run in parts.items():
