@@ -129,6 +129,13 @@ def kv_bytes_total(cfg: dict, max_num_seqs: int, max_model_len: int, dtype_bytes
     return max_num_seqs * blocks * KV_BLOCK_TOKENS * kv_bytes_per_token(cfg, dtype_bytes)
 
 
+def kv_pool_tokens(cfg: dict, pool_bytes: float, dtype_bytes: int = 2) -> int:
+    """Tokens a KV pool of pool_bytes holds, in whole 16-token blocks: what vLLM logs at start-up as
+    "KV cache size: N tokens" (checked against a real vLLM in tests/test_plan_capacity.py)."""
+    per_block = KV_BLOCK_TOKENS * kv_bytes_per_token(cfg, dtype_bytes)
+    return max(0, int(pool_bytes // per_block)) * KV_BLOCK_TOKENS
+
+
 def max_len_that_fits(cfg: dict, kv_room_bytes: float, max_num_seqs: int, dtype_bytes: int = 2) -> int:
     """Largest max-model-len whose KV for max_num_seqs sequences fits in kv_room_bytes: a multiple of 16,
     capped at max_position_embeddings (vLLM refuses longer). fits(L) <=> L <= this value."""
@@ -258,7 +265,8 @@ def plan_serve(cfg: dict, vllm_cfg: dict, gpu_mem_bytes: float, bandwidth_bps: f
         "max_model_len_that_fits": max_len_that_fits(cfg, kv_room, seqs, kv_b),
         # sequences that could all reach max_model_len at once in this KV room (raising max-num-seqs up to here
         # trades per-user decode speed for fewer GPUs)
-        "max_num_seqs_that_fit": max(0, int(kv_room) // (math.ceil(max_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS * kv_tok)),
+        "kv_pool_tokens": kv_pool_tokens(cfg, kv_room, kv_b),
+        "max_num_seqs_that_fit": kv_pool_tokens(cfg, kv_room, kv_b) // (math.ceil(max_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS),
         "decode_floor_ms": decode_floor_ms(w, mean_kv_read, bandwidth_bps, step_flops, peak_flops),
         "decode_floor_ms_full_context": decode_floor_ms(w, kv_total, bandwidth_bps, step_flops, peak_flops),
         "prefill_floor_s": prefill_floor_s(cfg, max_len, peak_flops),

@@ -519,10 +519,30 @@ def test_max_len_that_fits_is_consistent_with_fits(seqs, max_len):
     assert at_limit["fits"]
 
 
+@pytest.mark.slow
+def test_kv_figures_equal_what_vllm_reports_at_start_up(vllm_tiny, vllm_slot, tiny_model_dir):
+    """vLLM's own start-up line `KV cache size: N tokens, Maximum concurrency for L tokens per request: X x` for the
+    tiny fixture under the CPU YAML: the planner's pool tokens and full-length sequences must be exactly N and X."""
+    import re
+    text = (vllm_slot.log_dir / "vllm-tiny.log").read_text(errors="replace")
+    m = re.search(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x",
+                  text)
+    assert m, "vLLM's KV cache size line not found in its log"
+    tokens, per_request, concurrency = int(m[1].replace(",", "")), int(m[2].replace(",", "")), float(m[3])
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    yaml_cfg = yaml.safe_load(YAML_CPU.read_text())
+    # the test server's pool comes from VLLM_CPU_KVCACHE_SPACE=1 (GiB), the YAML's 1 GiB: the same number
+    assert yaml_cfg["kv-cache-memory-bytes"] == GiB
+    plan = pc.plan_serve(cfg, yaml_cfg, 80 * GiB, 1.935e12, 312e12)
+    assert per_request == plan["max_model_len"] == 8192
+    assert tokens == plan["kv_pool_tokens"] == GiB // pc.kv_bytes_per_token(cfg) == 524_288
+    assert concurrency == tokens / per_request and plan["max_num_seqs_that_fit"] == int(concurrency) == 64
+
+
 def test_shipped_cpu_yaml_fits_the_tiny_model():
     p = serve(yaml.safe_load(YAML_CPU.read_text()), cfg=TINY)
     assert p["fits"] and p["kv_room_bytes"] == GiB
-    assert p["kv_bytes_total"] == 4 * 2048 * 2048  # 16 MiB of the 1 GiB pool
+    assert p["kv_bytes_total"] == 4 * 8192 * 2048  # 64 MiB of the 1 GiB pool
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -688,7 +708,7 @@ def test_vllm_parses_gpu_yaml(vllm_parsed):
 
 def test_vllm_parses_cpu_yaml(vllm_parsed):
     got = vllm_parsed[str(YAML_CPU)]
-    assert got == dict(COMMON, max_model_len=2048, engine_max_model_len=2048, gpu_memory_utilization=0.92,
+    assert got == dict(COMMON, max_model_len=8192, engine_max_model_len=8192, gpu_memory_utilization=0.92,
                        kv_cache_memory_bytes=GiB, enforce_eager=True, max_num_batched_tokens=2048)
 
 
@@ -703,4 +723,4 @@ def test_cpu_yaml_differs_only_where_documented():
     gpu, cpu = yaml.safe_load(YAML_GPU.read_text()), yaml.safe_load(YAML_CPU.read_text())
     assert set(gpu) - set(cpu) == {"gpu-memory-utilization"}
     assert set(cpu) - set(gpu) == {"kv-cache-memory-bytes"}
-    assert {k for k in gpu.keys() & cpu.keys() if gpu[k] != cpu[k]} == {"max-model-len", "enforce-eager"}
+    assert {k for k in gpu.keys() & cpu.keys() if gpu[k] != cpu[k]} == {"enforce-eager"}
