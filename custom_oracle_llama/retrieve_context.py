@@ -509,7 +509,9 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
     if not ranked:
         raise StageError("no relevant tables for this question")
     reach = {}
-    for n_ranked in range(len(ranked), 0, -1):
+
+    def fit(n_ranked: int) -> tuple[dict | None, int]:
+        """(context of the n_ranked best tables within budget or None, est. tokens of key and matched columns)."""
         tables = connect_tables(index, ranked[:n_ranked], reach)
         required, optional, relevant = column_plan(index, tables, q_set, synonyms)
 
@@ -522,23 +524,28 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
 
         n_full = prompt_tokens(question, full := build(len(optional)), tokenizer)
         if n_full <= max_context_tokens:
-            return full
-        n_min = prompt_tokens(question, build(0), tokenizer)
-        if n_min > max_context_tokens:
-            continue
-        # each optional column adds about its own line's tokens: take as many as that sum allows, then confirm with
-        # exact counts, stepping back by the overshoot (usually one or two counts instead of a binary search)
+            return full, 0
+        # each optional column costs about its own prompt line: estimate, fill best-first, then confirm with exact
+        # counts, stepping back by the overshoot (one or two counts instead of a binary search)
         costs = line_tokens(index, optional, tokenizer)
-        n, total = 0, n_min
+        total = n_min = n_full - sum(costs)
+        if n_min > max_context_tokens:
+            return None, n_min
+        n = 0
         while n < len(optional) and total + costs[n] <= max_context_tokens:
             total += costs[n]
             n += 1
-        while n > 0 and (over := prompt_tokens(question, build(n), tokenizer) - max_context_tokens) > 0:
+        while (over := prompt_tokens(question, ctx := build(n), tokenizer) - max_context_tokens) > 0 and n > 0:
             back = 0
             while n > 0 and back < over:
                 n -= 1
                 back += costs[n]
-        return build(n)
+        return (ctx if over <= 0 else None), n_min
+
+    for n_ranked in range(len(ranked), 0, -1):  # the lowest-ranked table goes first (with its bridges)
+        ctx, _ = fit(n_ranked)
+        if ctx is not None:
+            return ctx
     raise StageError(f"not even the key columns of {ranked[0]}, the best table for this question, fit "
                      f"max_context_tokens={max_context_tokens}")
 
