@@ -55,6 +55,7 @@ help:
 	@echo "make test      the test suite (creates both environments and the tiny model first)"
 	@echo "make test-fast the tests not marked slow: the inner loop while editing"
 	@echo "make dataset | train | package | serve | eval | bench       one stage at a time (see README)"
+	@echo "make retrieve-eval  schema-retrieval recall on the demo questions (SCHEMA=, RETRIEVE_RAW=, MAX_CONTEXT_TOKENS=)"
 	@echo "make service   the guarded SQL service for apps (auth, MOAC, audit) in front of vLLM (see README)"
 	@echo "make wheelhouse / install-offline WHEELHOUSE=DIR           air-gapped install"
 	@echo "make install-into-xiyan XIYAN_ROOT=DIR                     copy the add-on into a XiYan checkout"
@@ -171,6 +172,15 @@ eval:
 	$(PY) $(PKG)/eval_oracle_nl2sql.py --eval_data $(HOLDOUT) --base_url http://127.0.0.1:$(PORT) \
 	  --model oracle-ebs-sql --catalog $(CATALOG) --schema $(PKG)/demo/ebs_schema.json --concurrency 4 \
 	  --out_dir $(RUNS)/eval/holdout $(EVAL_ARGS)
+
+# ---- schema retrieval: recall of question-only contexts against the demo gold SQL (train and holdout split) ---------
+SCHEMA ?= $(PKG)/demo/ebs_schema.json
+RETRIEVE_RAW ?= $(PKG)/demo/raw_questions.jsonl
+MAX_CONTEXT_TOKENS ?= 2048
+.PHONY: retrieve-eval
+retrieve-eval: $(TINY)/config.json
+	$(PY) $(PKG)/retrieve_context.py eval --schema $(SCHEMA) --raw $(RETRIEVE_RAW) --tokenizer $(BASE_MODEL) \
+	  --max_context_tokens $(MAX_CONTEXT_TOKENS) --holdout_fraction $(HOLDOUT_FRACTION) --seed $(SPLIT_SEED)
 
 # ---- the whole pipeline on CPU with the tiny LLaMA -----------------------------------------------------------------
 # The learned-model gate: share of 10 training questions whose gold SQL the 4-bit model reproduces via vLLM.
