@@ -575,7 +575,10 @@ def train_table(p: dict) -> str:
         text += ("\n\n" + f"ZeRO-3 weight gathers per micro-step ({p['micro_batch']} x {p['seq_len']} tokens per GPU, "
                  f"MFU {a['mfu']:g}, NVLink {a['nvlink_gbs']:g} GB/s, inter-node {a['inter_node_gbps']:g} Gbit/s "
                  f"per node)\n" + "\n".join(lines) + "\n  gathers happen every micro-step: gradient accumulation "
-                 "does not hide them; more tokens per GPU per micro-step (micro-batch x seq) does, up to 'max mb'.")
+                 "does not hide them; more tokens per GPU per micro-step (micro-batch x seq) does, up to 'max mb'."
+                 f"\n  break-even tokens per optimizer step (x GPUs x grad_accum {a['grad_accum']}): "
+                 + ", ".join(f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''} "
+                             f"{r['break_even_tokens_per_optimizer_step']:,}" for r in nodes))
     return text
 
 
