@@ -343,9 +343,9 @@ def markdown(res: dict) -> str:
                      f"**{e['ratio']:.2f}x**", ">= 3x"))
     if sv:
         rows.append((f"guarded service's added latency over ask() on the same vLLM ({sv['model']}, {sv['requests']} "
-                     "requests, concurrency 1, p50 of paired differences)", f"{sv['service_p50_ms']:.0f} vs "
-                     f"{sv['direct_p50_ms']:.0f} ms end to end: +{sv['added_p50_ms']:.1f} ms = "
-                     f"**{100 * sv['added_share']:.1f}%**", "<= 5%"))
+                     "requests, concurrency 1, interleaved)", f"p50 via service {sv['service_p50_ms']:.0f} ms, direct "
+                     f"{sv['direct_p50_ms']:.0f} ms; p50 of the paired differences +{sv['added_p50_ms']:.1f} ms = "
+                     f"**{100 * sv['added_share']:.1f}%** of end to end", "<= 5%"))
     d = res.get("build_records")
     if d:
         rows.append((f"dataset build, {d['records']:,} records ({d['raw_mb']:.0f} MB raw, no tokenizer, catalog, 10% "
