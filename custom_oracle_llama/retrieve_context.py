@@ -3,7 +3,7 @@
 The same builder serves training data (build_oracle_sft_dataset.py --retrieve), the guarded `ask`, the eval's
 question-only path and the demo, so the model sees one context distribution in training and in production.
 
-    python custom_oracle_llama/retrieve_context.py --schema demo/ebs_schema.json --question "Unpaid invoices by supplier"
+    python custom_oracle_llama/retrieve_context.py --schema demo/ebs_schema.json --question "Unpaid invoices"
     python custom_oracle_llama/retrieve_context.py --schema S --batch < questions.jsonl     # {"question": ...} a line
     python custom_oracle_llama/retrieve_context.py eval --schema S --raw raw_questions.jsonl --tokenizer MODEL_DIR
 
@@ -45,10 +45,10 @@ from prompting import chat_messages, template_sha256  # noqa: E402
 DEFAULT_MAX_CONTEXT_TOKENS = 2048  # whole rendered prompt (rules + context + question), inside the 1.6k-4k RAG budget
 MIN_CONTEXT_TOKENS = 256           # below this not even the rules block fits
 MAX_TABLES = 5                     # ranked tables kept before bridges; EBS questions rarely need more than 4
-REL_CUTOFF = 0.3                  # keep a ranked table only if it scores >= this share of the best table
+REL_CUTOFF = 0.3                   # keep a ranked table only if it scores >= this share of the best table
 NAME_WEIGHT = 1.0                  # + this x best BM25 x share of the table's name words in the question
 NEIGHBOUR_CUTOFF = 0.1             # a join neighbour of a kept table joins if it scores >= this share of the best
-MAX_NEIGHBOURS = 3
+MAX_NEIGHBOURS = 3                 # at most this many of them (the header of a line table, a parent's parent)
 BRIDGE_PATHS = 3                   # candidate detours per pair of chosen tables handed to the Steiner tree
 STEINER_MAX_HOPS = 3               # longest join path between two chosen tables that bridges may fill (2 bridges)
 HUB_DEGREE = 40                    # tables joined to more than this many (FND_USER, HR_OPERATING_UNITS, ...) are
@@ -68,7 +68,8 @@ NAME_NOISE = frozenset({"all", "b", "tl", "vl", "v", "header"})
 PHRASES = {"purchase order": "po", "purchasing": "po", "general ledger": "gl", "journal entry": "je",
            "journal": "je", "accounts payable": "ap", "payables": "ap", "accounts receivable": "ar",
            "receivables": "ar", "receiving": "rcv", "receipt": "rcv", "vendor": "supplier", "org": "organization",
-           "paid": "payment", "pay": "payment", "value": "amount", "price": "amount", "qty": "quantity", "amt": "amount", "num": "number", "inventory": "mtl", "material": "mtl",
+           "paid": "payment", "pay": "payment", "value": "amount", "price": "amount", "qty": "quantity",
+           "amt": "amount", "num": "number", "inventory": "mtl", "material": "mtl",
            **{a: a for a in ("po", "je", "gl", "ap", "ar")},  # so that "POs" -> po
            # GL period names (JAN-24) and quarters (Q1) are periods
            **{f"{m}-\\d\\d": "period" for m in "jan feb mar apr may jun jul aug sep oct nov dec".split()},
@@ -143,8 +144,8 @@ def validate_schema(schema, where: str = "schema") -> dict:
                 raise StageError(f"{where}: column {tname}.{cname}: type and description must be strings")
             cols[cname.upper()] = {"type": col.get("type", ""), "description": col.get("description", "")}
         pk = [c.upper() for c in spec.get("primary_key", [])]
-        if [c for c in pk if c not in cols]:
-            raise StageError(f"{where}: table {tname} primary_key names missing columns {[c for c in pk if c not in cols]}")
+        if missing := [c for c in pk if c not in cols]:
+            raise StageError(f"{where}: table {tname} primary_key names missing columns {missing}")
         tables[tname.upper()] = {"description": str(spec.get("description", "")), "columns": cols,
                                  **({"primary_key": pk} if pk else {})}
 
@@ -181,7 +182,8 @@ def validate_schema(schema, where: str = "schema") -> dict:
             raise StageError(f"{where}: security filter of {t} must have exactly the keys {sorted(FILTER_KEYS)}")
         tt, c = check_ref(f"{t}.{f['column']}", f"security filter of {t}", True)
         filters[tt] = {"column": c, "predicate": f["predicate"]}
-    return {"description": schema.get("description", ""), **({"source": schema["source"]} if "source" in schema else {}),
+    return {"description": schema.get("description", ""),
+            **({"source": schema["source"]} if "source" in schema else {}),
             "tables": tables, "joins": joins, "synonyms": synonyms, "security_filters": filters}
 
 
@@ -211,7 +213,8 @@ class Index:
     identifier_terms: frozenset          # every term of every table/column name (numbers count only if in one)
     synonym_terms: list[tuple[tuple[str, ...], str, str]]  # (phrase terms, phrase, target)
     join_columns: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)  # pair -> [(lcol, rcol)]
-    join_lines: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)  # (a, b) -> [(position, join)]
+    # (a, b) -> [(position in the schema, join text)], one direction only so that each join is listed once
+    join_lines: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
     position: dict[str, int] = field(default_factory=dict)  # table -> its BM25 document number
     build_seconds: float = 0.0
 
@@ -330,7 +333,8 @@ def rank_tables(index: Index, q_terms: list[str], forced: list[str]) -> list[str
     k = min(MAX_TABLES * 4, len(scores))
     top = np.argpartition(-scores, k - 1)[:k].tolist()
     # ties broken by name so the choice never depends on numpy's partition order
-    order = [i for i in sorted(top, key=lambda i: (-float(scores[i]), index.names[i])) if scores[i] >= REL_CUTOFF * best]
+    order = [i for i in sorted(top, key=lambda i: (-float(scores[i]), index.names[i]))
+             if scores[i] >= REL_CUTOFF * best]
     ranked = [index.names[i] for i in order if index.names[i] not in chosen][:MAX_TABLES]
     position = index.position
     neighbours = sorted({n for t in chosen + ranked for n in index.graph.neighbors(t)} - set(chosen) - set(ranked),
@@ -403,7 +407,8 @@ def _table_entry(index: Index, table: str, columns: set[str], described: set[str
     spec = index.schema["tables"][table]["columns"]
     return {"name": table, "description": index.schema["tables"][table]["description"],
             "columns": [{"name": c, "type": spec[c]["type"],
-                         **({"description": spec[c]["description"]} if c in described and spec[c]["description"] else {})}
+                         **({"description": spec[c]["description"]}
+                            if c in described and spec[c]["description"] else {})}
                         for c in spec if c in columns]}
 
 
@@ -510,8 +515,8 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
         raise StageError("no relevant tables for this question")
     reach = {}
 
-    def fit(n_ranked: int) -> tuple[dict | None, int]:
-        """(context of the n_ranked best tables within budget or None, est. tokens of key and matched columns)."""
+    def fit(n_ranked: int) -> dict | None:
+        """The context of the n_ranked best tables (+ bridges) within the budget, or None."""
         tables = connect_tables(index, ranked[:n_ranked], reach)
         required, optional, relevant = column_plan(index, tables, q_set, synonyms)
 
@@ -524,13 +529,13 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
 
         n_full = prompt_tokens(question, full := build(len(optional)), tokenizer)
         if n_full <= max_context_tokens:
-            return full, 0
+            return full
         # each optional column costs about its own prompt line: estimate, fill best-first, then confirm with exact
         # counts, stepping back by the overshoot (one or two counts instead of a binary search)
         costs = line_tokens(index, optional, tokenizer)
-        total = n_min = n_full - sum(costs)
-        if n_min > max_context_tokens:
-            return None, n_min
+        total = n_full - sum(costs)  # the key and matched columns alone, estimated
+        if total > max_context_tokens:
+            return None
         n = 0
         while n < len(optional) and total + costs[n] <= max_context_tokens:
             total += costs[n]
@@ -540,11 +545,10 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
             while n > 0 and back < over:
                 n -= 1
                 back += costs[n]
-        return (ctx if over <= 0 else None), n_min
+        return ctx if over <= 0 else None
 
     for n_ranked in range(len(ranked), 0, -1):  # the lowest-ranked table goes first (with its bridges)
-        ctx, _ = fit(n_ranked)
-        if ctx is not None:
+        if (ctx := fit(n_ranked)) is not None:
             return ctx
     raise StageError(f"not even the key columns of {ranked[0]}, the best table for this question, fit "
                      f"max_context_tokens={max_context_tokens}")
@@ -554,7 +558,9 @@ def retrieval_settings(index: Index, max_context_tokens: int = DEFAULT_MAX_CONTE
     """What a dataset manifest records so serving retrieves with exactly the same settings and schema."""
     return {"schema_sha256": index.sha256, "method": METHOD, "max_context_tokens": max_context_tokens,
             "token_counter": token_counter_name(tokenizer), "template_sha256": template_sha256(),
-            "params": {"max_tables": MAX_TABLES, "rel_cutoff": REL_CUTOFF, "steiner_max_hops": STEINER_MAX_HOPS, "bridge_paths": BRIDGE_PATHS,
+            "params": {"max_tables": MAX_TABLES, "rel_cutoff": REL_CUTOFF, "name_weight": NAME_WEIGHT,
+                       "neighbour_cutoff": NEIGHBOUR_CUTOFF, "max_neighbours": MAX_NEIGHBOURS,
+                       "steiner_max_hops": STEINER_MAX_HOPS, "bridge_paths": BRIDGE_PATHS,
                        "hub_degree": HUB_DEGREE, "matched_columns_per_table": MATCHED_COLUMNS_PER_TABLE},
             "tables": len(index.names), "versions": library_versions("bm25s", "networkx", "numpy", "jinja2")}
 
@@ -679,7 +685,8 @@ def synthetic_schema(n_tables: int, base: dict, seed: int = 0) -> dict:
         cols = {f"{words[0]}_ID".upper(): {"type": "NUMBER", "description": f"{words[0].title()} identifier"}}
         for _ in range(rnd.randint(8, 40)):
             w = rnd.sample(SYNTHETIC_WORDS, 2)
-            cols[f"{w[0]}_{w[1]}".upper()] = {"type": rnd.choice(types), "description": f"{w[0].title()} {w[1]} of the {words[0]}"}
+            cols[f"{w[0]}_{w[1]}".upper()] = {"type": rnd.choice(types),
+                                              "description": f"{w[0].title()} {w[1]} of the {words[0]}"}
         if name.endswith("_ALL"):
             cols["ORG_ID"] = {"type": "NUMBER", "description": "Operating unit"}
             filters[name] = {"column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}
@@ -695,7 +702,8 @@ def synthetic_schema(n_tables: int, base: dict, seed: int = 0) -> dict:
         tables[name] = {"description": f"{words[0].title()} {words[1]}s of {module}", "columns": cols}
         names.append(name)
         own.append(name)
-    return validate_schema({"tables": tables, "joins": joins, "synonyms": base["synonyms"], "security_filters": filters})
+    return validate_schema({"tables": tables, "joins": joins, "synonyms": base["synonyms"],
+                            "security_filters": filters})
 
 
 def bench_retrieval(schema_path, raw_path, n_tables: int = 30000, tokenizer_dir=None,
@@ -713,7 +721,8 @@ def bench_retrieval(schema_path, raw_path, n_tables: int = 30000, tokenizer_dir=
     report = evaluate(index, read_jsonl(raw_path), tokenizer, max_context_tokens)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tables": len(schema["tables"]), "columns": sum(len(t["columns"]) for t in schema["tables"].values()),
-            "joins": len(schema["joins"]), "generate_s": round(t_gen, 2), "index_build_s": round(index.build_seconds, 2),
+            "joins": len(schema["joins"]), "generate_s": round(t_gen, 2),
+            "index_build_s": round(index.build_seconds, 2),
             "latency_ms": report["latency_ms"], "questions": report["overall"]["questions"],
             "table_recall": report["overall"]["table_recall"], "column_recall": report["overall"]["column_recall"],
             "context_tokens": report["overall"]["context_tokens"], "peak_rss_mib": round(rss_mib),

@@ -81,7 +81,8 @@ def schema_from_rows(tables: list[dict], columns: list[dict], pks: list[dict], f
     for r in fks:
         left = (r["TABLE_NAME"].upper(), r["COLUMN_NAME"].upper())
         right = (r["REF_TABLE_NAME"].upper(), r["REF_COLUMN_NAME"].upper())
-        if left[0] == right[0] or any(t not in out_tables or c not in out_tables[t]["columns"] for t, c in (left, right)):
+        exported = all(t in out_tables and c in out_tables[t]["columns"] for t, c in (left, right))
+        if left[0] == right[0] or not exported:
             skipped["joins_to_unexported_tables"] += 1
             continue
         edge = frozenset((left, right))
