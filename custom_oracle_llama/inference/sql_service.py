@@ -665,7 +665,12 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sql_service %(levelname)s %(message)s")
+    # our own lines only: third-party loggers (bm25s logs its index build at DEBUG) keep Python's WARNING default
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s sql_service %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     overrides = {"host": args.host, "port": args.port, "backends": args.backend, "keys_file": args.keys_file,
                  "audit_log": args.audit_log, "feedback_out": args.feedback_out, "tokenizer": args.tokenizer}
     with contextlib.ExitStack() as stack:
