@@ -254,7 +254,7 @@ def test_bad_bodies_get_a_clear_4xx(dead_service):
         ("malformed JSON", "/v1/sql", b'{"question": ', {}, 400, "not valid JSON"),
         ("not an object", "/v1/sql", b"[1, 2]", {}, 422, "valid dictionary"),
         ("missing question", "/v1/sql", b"{}", {}, 422, "Field required"),
-        ("empty question", "/v1/sql", b'{"question": ""}', {}, 422, "blank"),
+        ("empty question", "/v1/sql", b'{"question": ""}', {}, 422, "must not be blank"),
         ("blank question", "/v1/sql", b'{"question": "  \\n "}', {}, 422, "blank"),
         ("question not a string", "/v1/sql", b'{"question": 42}', {}, 422, "valid string"),
         ("unknown field", "/v1/sql", b'{"question": "q", "org_ids": [1]}', {}, 422, "Extra inputs"),

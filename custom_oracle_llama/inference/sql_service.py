@@ -44,6 +44,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -53,7 +54,7 @@ import yaml  # noqa: E402
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, StrictStr, field_validator  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictStr, field_validator  # noqa: E402
 from sqlglot import exp  # noqa: E402
 from sqlglot.errors import ParseError, TokenError  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
@@ -319,30 +320,25 @@ class RequestContext(Context):
         return filters
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be blank")
+    return v
+
+
+NonBlank = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    question: StrictStr
+    question: NonBlank
     context: RequestContext | None = None
-
-    @field_validator("question")
-    @classmethod
-    def _not_blank(cls, v):
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v
 
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: StrictStr
-    sql: StrictStr
-
-    @field_validator("sql")
-    @classmethod
-    def _not_blank(cls, v):
-        if not v.strip():
-            raise ValueError("sql is blank")
-        return v
+    sql: NonBlank
 
 
 def attempt_summary(a: dict) -> dict:
