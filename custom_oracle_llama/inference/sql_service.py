@@ -393,7 +393,7 @@ class Service:
         # worker threads: every backend slot plus a few for retrieval / feedback checks
         self.pool = ThreadPoolExecutor(len(cfg["backends"]) * cfg["max_in_flight_per_backend"] + 4,
                                        thread_name_prefix="ask")
-        self.recent = collections.OrderedDict()  # request_id -> {user, question, context, filters}
+        self.recent = collections.OrderedDict()  # request_id -> {user, question, context, scope}
         self.registry, self.m = make_metrics()
         self.m["queue"].set_function(lambda: self.backends.waiting)
         for u in self.backends.urls:
@@ -675,6 +675,7 @@ def main(argv=None) -> int:
                 from serve import running_server
                 cfg0 = load_config(args.config, {**overrides, "backends": ["http://placeholder"]})
                 vlog = Path(args.vllm_log or Path(cfg0["audit_log"]).parent / "vllm.log")
+                vlog.parent.mkdir(parents=True, exist_ok=True)
                 print(f"sql_service: starting vLLM on {args.start_vllm} (log: {vlog}) ...", file=sys.stderr,
                       flush=True)
                 srv = stack.enter_context(running_server(args.start_vllm, args.vllm_config, vlog))
