@@ -451,7 +451,20 @@ def prompt_tokens(question: str, context: dict, tokenizer=None) -> int:
 
 def line_tokens(index: Index, optional: list[tuple], tokenizer=None) -> list[int]:
     """Tokens of each optional column's prompt line ("  - NAME TYPE"), counted the same way as prompt_tokens."""
-    lines = [f"\n  - {c} {index.schema['tables'][t]['columns'][c]['type']}" for _, t, c in optional]
+    return text_tokens([f"\n  - {c} {index.schema['tables'][t]['columns'][c]['type']}" for _, t, c in optional],
+                       tokenizer)
+
+
+def table_tokens(index: Index, tables: list[str], required: dict[str, set], tokenizer=None) -> dict[str, int]:
+    """Tokens of each table's prompt block with its required columns (descriptions included): what dropping it saves."""
+    spec = index.schema["tables"]
+    blocks = ["".join([f"\n{t}: {spec[t]['description']}"] + [f"\n  - {c} {spec[t]['columns'][c]['type']}: "
+                                                                f"{spec[t]['columns'][c]['description']}"
+                                                                for c in sorted(required[t])]) for t in tables]
+    return dict(zip(tables, text_tokens(blocks, tokenizer)))
+
+
+def text_tokens(lines: list[str], tokenizer=None) -> list[int]:
     if tokenizer is None:
         return [math.ceil(len(line.encode()) / BYTES_PER_TOKEN_ESTIMATE) for line in lines]
     return [len(e) for e in tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)]
@@ -515,9 +528,15 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
         raise StageError("no relevant tables for this question")
     reach = {}
 
+    dropped_from = {}  # the last set whose key columns did not fit: its estimate and per-table block costs
+
     def fit(n_ranked: int) -> dict | None:
         """The context of the n_ranked best tables (+ bridges) within the budget, or None."""
         tables = connect_tables(index, ranked[:n_ranked], reach)
+        if dropped_from:  # skip exact counts while the estimate says the key columns still cannot fit
+            saved = sum(dropped_from["costs"].get(t, 0) for t in set(dropped_from["costs"]) - set(tables))
+            if dropped_from["tokens"] - saved > max_context_tokens:
+                return None
         required, optional, relevant = column_plan(index, tables, q_set, synonyms)
 
         def build(n_optional: int) -> dict:
@@ -535,6 +554,7 @@ def retrieve(index: Index, question: str, tokenizer=None, max_context_tokens: in
         costs = line_tokens(index, optional, tokenizer)
         total = n_full - sum(costs)  # the key and matched columns alone, estimated
         if total > max_context_tokens:
+            dropped_from.update(tokens=total, costs=table_tokens(index, tables, required, tokenizer))
             return None
         n = 0
         while n < len(optional) and total + costs[n] <= max_context_tokens:
