@@ -212,7 +212,7 @@ def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
     lines.append(json.dumps(demo[40]))  # has its own context: used as it is
     raw = write_raw(tmp_path / "raw.jsonl", lines)
     r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "sft.json"), "--dataset_id", "t",
-                "--retrieve", "--schema", str(schema_path), "--max_context_tokens", "1500")
+                "--retrieve", "--schema", str(schema_path), "--max_context_tokens", "3000")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "sft.manifest.json").read_text())
     rejects = [json.loads(x) for x in (tmp_path / "sft.rejects.jsonl").read_text().splitlines()]
@@ -220,13 +220,13 @@ def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
             "detail": "retrieval: no relevant tables for this question"} in rejects
     index = retrieve_context.build_index(retrieve_context.load_schema(schema_path))
     assert manifest["retrieval"]["settings"] == json.loads(json.dumps(
-        retrieve_context.retrieval_settings(index, 1500, None)))
+        retrieve_context.retrieval_settings(index, 3000, None)))
     assert manifest["retrieval"]["retrieval_failed_lines"] == [4]
     kept = {x["id"]: x for x in json.loads((tmp_path / "sft.json").read_text())}
     retrieved = set(manifest["retrieval"]["retrieved_ids"])
     assert retrieved and retrieved <= {d["id"] for d in demo[:12]} and demo[40]["id"] in set(kept) - retrieved
     for rid in retrieved:  # the prompt trained on is the one serving renders from the same retrieval
-        ctx = retrieve_context.retrieve(index, kept[rid]["question"], max_context_tokens=1500)
+        ctx = retrieve_context.retrieve(index, kept[rid]["question"], max_context_tokens=3000)
         assert kept[rid]["context"] == builder.Context.model_validate(ctx).model_dump()
         assert kept[rid]["conversations"][0] == builder.chat_messages(kept[rid]["question"], ctx)[0]
     assert kept[demo[40]["id"]]["context"] == builder.Context.model_validate(demo[40]["context"]).model_dump()
