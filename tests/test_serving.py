@@ -83,7 +83,7 @@ GATE_CASES = [
     ("70b, 64 seqs x 8192: KV does not fit", "70b", GPU_YAML, {"max-num-seqs": 64}, [], 1, "does not fit"),
     ("70b on a 40 GiB GPU", "70b", GPU_YAML, {}, ["--gpu_mem_gib", "40"], 1, "does not fit"),
     ("tiny, CPU YAML fits", "tiny", CPU_YAML, {}, [], 0, "starting"),
-    ("tiny, max-model-len over its 4096 positions", "tiny", CPU_YAML, {"max-model-len": 8192}, [], 1, "does not fit"),
+    ("tiny, max-model-len over its 8192 positions", "tiny", CPU_YAML, {"max-model-len": 16384}, [], 1, "does not fit"),
     ("tiny, 100 GiB KV pool", "tiny", CPU_YAML, {"kv-cache-memory-bytes": 100 * 2**30}, [], 1, "does not fit"),
     ("YAML missing max-num-seqs", "tiny", CPU_YAML, {"max-num-seqs": None}, [], 2, "max-num-seqs"),
     ("model folder missing", "missing", CPU_YAML, {}, [], 2, "model folder not found"),
