@@ -10,14 +10,17 @@ question-only path and the demo, so the model sees one context distribution in t
 Method (every step deterministic, no network, no model):
 1. rank tables with BM25 (bm25s) over one document per table: its name split on "_", its description, the
    business synonyms pointing at it, its column names and descriptions; words are lower-cased, stop words dropped
-   and plurals folded ("invoices" -> "invoice"). Synonym phrases found in the question force their table in.
-2. keep the top tables scoring >= REL_CUTOFF x the best (at most MAX_TABLES); connect them through the join graph
-   with a networkx Steiner tree (bridge tables added), computed on the terminals' neighbourhood so a 30k-table
-   graph costs milliseconds.
-3. columns: the keys, the join columns between chosen tables, the security-filter column and the synonym targets
-   always; then the other columns by lexical match (IDF-weighted overlap with the question), table rank and schema
-   order, as many as fit --max_context_tokens, counted exactly through the tokenizer's chat template on the
-   prompt the model will see (prompting.py). Without a tokenizer the count is a conservative byte estimate.
+   and plurals folded ("invoices" -> "invoice"), EBS vocabulary folded (PHRASES: "purchase order" = po, ...).
+   Synonym phrases found in the question force their table in.
+2. keep the top tables scoring >= REL_CUTOFF x the best (at most MAX_TABLES; a bonus for the share of a table's own
+   name the question says) and up to MAX_NEIGHBOURS join neighbours that also match; connect them through the join
+   graph with a networkx Steiner tree (bridge tables added), computed on the few short paths between chosen tables
+   so a 30k-table graph costs milliseconds.
+3. columns: the keys, the join columns between chosen tables, the security-filter column, the synonym targets and
+   the best matches always; then the other columns by lexical match (IDF-weighted overlap with the question), table
+   rank and schema order, as many as fit --max_context_tokens, counted exactly through the tokenizer's chat template
+   on the prompt the model will see (prompting.py); when not even the key columns fit, the lowest-ranked table goes.
+   Without a tokenizer the count is a conservative byte estimate.
 4. every join edge between chosen tables, matched synonyms, and every security filter of every chosen table.
 
 A question that matches no table raises "no relevant tables for this question": never a whole-schema dump.
