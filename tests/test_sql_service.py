@@ -322,6 +322,17 @@ def test_audit_log_one_parseable_line_per_request_and_no_key(dead_service):
         assert key not in text and key[5:20] not in text
 
 
+def test_no_answer_leaves_without_its_audit_line(tmp_path):
+    """An audit log that cannot be written (here /dev/full: every write fails with ENOSPC) turns every audited
+    request into a 503 with one clear line, never a 500 or an unaudited answer; /health still answers."""
+    key = add_user(tmp_path / "keys.yaml", "alice", "204").stdout.strip()
+    cfg = write_config(tmp_path, [dead_url()], audit_log="/dev/full")
+    with running_service(cfg, tmp_path / "service.log") as svc:
+        r = httpx.get(svc["base"] + "/metrics", headers=auth(key), timeout=30)
+        assert r.status_code == 503 and "audit log unavailable" in r.text and "Traceback" not in r.text
+        assert httpx.get(svc["base"] + "/health", timeout=5).status_code == 200
+
+
 def test_feedback_is_checked_in_the_callers_scope_and_appended_in_builder_format(dead_service):
     base, keys, tmp = dead_service["base"], dead_service["keys"], dead_service["tmp"]
     r = httpx.post(base + "/v1/sql", json={"question": INVOICES["question"], "context": INVOICES["context"]},

@@ -178,8 +178,9 @@ class JsonlAppender:
     def append(self, record: dict) -> None:
         data = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         written = os.write(self.fd, data)
-        if written != len(data):  # disk full: the reader skips the short line, the operator sees this
+        if written != len(data):  # disk full: the reader skips the short last line; the request gets a 503
             log.error("%s: short write (%d of %d bytes)", self.path, written, len(data))
+            raise OSError(28, "No space left on device (short write)")
         if self.fsync:
             os.fsync(self.fd)
 
@@ -631,10 +632,15 @@ def create_app(cfg: dict) -> FastAPI:
             elapsed = time.perf_counter() - t0
             audit.setdefault("outcome", "not_found" if status == 404 else "error" if status >= 500 else "other")
             audit.update(status=status, latency_ms=round(elapsed * 1000, 1))
-            svc.audit.append(audit)
             route = request.url.path if request.url.path in ROUTES else "other"
-            svc.m["requests"].labels(route, audit["outcome"]).inc()
             svc.m["latency"].labels(route).observe(elapsed)
+            try:
+                svc.audit.append(audit)
+            except OSError as e:  # disk full, log removed read-only...: no answer leaves without its audit line
+                svc.m["requests"].labels(route, "audit_failed").inc()
+                return error_response(503, f"audit log unavailable ({e.strerror or type(e).__name__}): "  # noqa: B012
+                                           "the service answers nothing it cannot audit")
+            svc.m["requests"].labels(route, audit["outcome"]).inc()
 
     return app
 
