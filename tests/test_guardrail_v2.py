@@ -76,6 +76,9 @@ ATTACKS = [
     ("pivot aggregate column", "SELECT * FROM (SELECT vendor_id, invoice_currency_code, invoice_amount FROM "
                                f"ap_invoices_all WHERE {F}) PIVOT (SUM(invoice_amountx) FOR invoice_currency_code IN "
                                "('USD' AS usd)) p", "unknown_column", "INVOICE_AMOUNTX"),
+    ("unpivot column", "SELECT vendor_id, kind, v FROM (SELECT vendor_id, invoice_amount FROM ap_invoices_all WHERE "
+                       f"{F}) UNPIVOT (v FOR kind IN (invoice_amount AS 'I', amount_due AS 'D'))", "unknown_column",
+     "AMOUNT_DUE"),
     ("using column", f"SELECT ai.invoice_num FROM ap_invoices_all ai JOIN ap_invoice_lines_all l USING (invoice_idx) "
                      f"WHERE ai.{F} AND l.{F}", "unknown_column", "INVOICE_IDX"),
     ("having column", f"SELECT vendor_id FROM ap_invoices_all WHERE {F} GROUP BY vendor_id HAVING "
@@ -204,6 +207,12 @@ def test_report_fixtures_fail_once_their_moac_filter_is_dropped(policy):
     for name, sql in secured:
         v = g.check_sql(sql.replace("(:org_ids)", "(81, 204)"), catalog=DEMO_CATALOG, policy=policy)
         assert not v["ok"] and "security_filter" in v["codes"], name
+
+
+def test_flashback_switch_works(policy):
+    sql = f"SELECT invoice_num FROM ap_invoices_all AS OF TIMESTAMP SYSDATE - 1 WHERE {F}"
+    assert "unsafe" in check(sql, policy)["codes"]
+    assert check(sql, {**policy, "allow_flashback": True})["ok"]
 
 
 def test_optimizer_hints_switch_works(policy):
