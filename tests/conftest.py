@@ -1,4 +1,5 @@
 """Shared test fixtures: the scripts' folders on sys.path, the real tiny LLaMA fixture, the stage environment."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,11 @@ def tiny_model_dir() -> Path:
     out = CACHE / "tiny-llama"
     if not (out / "config.json").exists():
         pytest.fail(f"the tiny model {out} is not built: run `make tiny` (about 4 minutes), or `make test-fast`")
+    from make_tiny_llama import CONFIG
+    built = json.loads((out / "config.json").read_text())
+    stale = {k: (built[k], v) for k, v in CONFIG.items() if k in built and built[k] != v}
+    if stale:
+        pytest.fail(f"the tiny model {out} is older than make_tiny_llama.py ({stale}: built vs now): run `make tiny`")
     return out
 
 
