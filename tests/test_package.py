@@ -267,7 +267,8 @@ def test_shipped_recipes_are_w4a16_group_128(method, modifiers):
     assert pkg.scheme_of(r["weights"]) == "W4A16 symmetric int4, group 128"
     assert all(m.get("ignore") == ["lm_head"] for m in pkg.modifiers_of(r["recipe"]).values() if "config_groups" in m)
     assert pkg.scheme_of(pkg.load_recipe(path, 64)["weights"]) == "W4A16 symmetric int4, group 64"
-    assert pkg.load_recipe(path, None)["weights"], "--group_size rewrites a copy, never the file"
+    assert pkg.scheme_of(pkg.load_recipe(path, None)["weights"]) == "W4A16 symmetric int4, group 128", \
+        "--group_size rewrites what is passed on, never the file"
 
 
 @pytest.mark.parametrize("text, message", [
