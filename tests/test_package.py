@@ -150,6 +150,7 @@ def test_merge_check_passes_and_catches_a_wrong_scale(tiny_model_dir, adapter, s
     assert not bad["ok"], bad
 
 
+@pytest.mark.slow   # a measurement on a synthetic 4-shard checkpoint (~15 s): it belongs with `make bench`
 def test_bench_merge_peak_rss_within_two_shards(tmp_path):
     result = lora_merge.bench_merge(4, tmp_path, hidden=1024, intermediate=4096, layers=4, vocab=8192)
     assert result["shards"] >= 3 and result["peak_rss_method"].startswith("VmHWM")
