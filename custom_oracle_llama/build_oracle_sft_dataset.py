@@ -496,9 +496,14 @@ def parse_args(argv=None):
     return args
 
 
+class Stopped(BaseException):
+    """SIGTERM/SIGINT: a BaseException, so no per-record `except Exception` (here or in the guardrail) can turn
+    the stop into one more rejected line."""
+
+
 def _stop(signum, frame):
-    raise StageError(f"stopped by {signal.Signals(signum).name}: the previous outputs are unchanged (or, if "
-                     "publishing had begun, the complete new set)")
+    raise Stopped(f"stopped by {signal.Signals(signum).name}: the previous outputs are unchanged (or, if "
+                  "publishing had begun, the complete new set)")
 
 
 def main(argv=None) -> int:
@@ -507,7 +512,7 @@ def main(argv=None) -> int:
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
         return build(args)
-    except StageError as e:
+    except (StageError, Stopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
