@@ -72,6 +72,7 @@ def assert_outcome(r, kept, rejects, expect_rejects: dict, good_ids: set):
         ok = reason if isinstance(reason, (set, frozenset)) else {reason}
         assert got.get(line) in ok, (line, got.get(line), [x for x in rejects if x["line"] == line])
     assert set(got) == set(expect_rejects), rejects
+    assert set(got.values()) <= set(builder.REASONS), "every reason is listed in the builder's REASONS"
     assert {k["id"] for k in kept} == good_ids
 
 
