@@ -13,6 +13,7 @@ With --retrieve --schema, records without a context get the one retrieve_context
         --dataset_id ebs_v1 --tokenizer MODEL_DIR --holdout_fraction 0.1 --holdout_out holdout.json
 """
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -181,12 +182,19 @@ def filter_problems(context: dict, catalog: dict | None) -> list[str]:
             out.append(f"{name}: table {f['table']!r} is not in the catalog")
         elif column.upper() not in tables[table] or (catalog is not None and column.upper() not in catalog.get(table)):
             out.append(f"{name}: column {column!r} is not in table {table}")
-        else:
-            try:
-                sqlglot.parse_one(f["predicate"], read=ORACLE, error_level=ErrorLevel.IMMEDIATE)
-            except (ParseError, TokenError, RecursionError) as e:
-                out.append(f"{name}: predicate {f['predicate']!r} does not parse: {str(e).splitlines()[0][:200]}")
+        elif problem := predicate_problem(f["predicate"]):
+            out.append(f"{name}: predicate {f['predicate']!r} does not parse: {problem}")
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def predicate_problem(predicate: str) -> str | None:
+    """Why a security predicate does not parse, or None (cached: a site has a handful of predicates)."""
+    try:
+        sqlglot.parse_one(predicate, read=ORACLE, error_level=ErrorLevel.IMMEDIATE)
+    except (ParseError, TokenError, RecursionError) as e:
+        return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return None
 
 
 def gold_sql_key(sql: str, tables) -> tuple[str | None, str]:
