@@ -630,6 +630,8 @@ def print_summary(report, out):
 
 
 def main(argv=None):
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     args = build_parser().parse_args(argv)
     try:
         report, out = run_eval(args)

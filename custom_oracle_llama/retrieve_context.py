@@ -778,6 +778,8 @@ def build_parser(eval_mode: bool) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     argv = list(sys.argv[1:] if argv is None else argv)
     eval_mode = bool(argv) and argv[0] == "eval"
     args = build_parser(eval_mode).parse_args(argv[1:] if eval_mode else argv)

@@ -375,6 +375,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny_model", default=str(ROOT / ".cache" / "tiny-llama"), help="tokenizer for (1)")
     ap.add_argument("--eval_model", default=str(ROOT / "runs" / "quant"),

@@ -68,6 +68,8 @@ def ask(srv: dict, record: dict, catalog: Path, tmp: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs", help="the pipeline's run folder (data/, merged/, quant/)")
     ap.add_argument("--config", default=str(PKG / "inference" / "vllm_config_cpu.yaml"), help="vLLM YAML")

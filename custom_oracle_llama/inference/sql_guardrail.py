@@ -262,6 +262,8 @@ def build_parser():
 
 
 def main(argv=None):
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     args = build_parser().parse_args(argv)
     try:
         policy = load_policy(args.policy) if args.cmd != "catalog" else None

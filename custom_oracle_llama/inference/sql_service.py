@@ -666,6 +666,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    import stage_env  # offline flags and caches as `make` sets them, without overriding the user's
+    stage_env.apply()
     args = build_parser().parse_args(argv)
     # our own lines only: third-party loggers (bm25s logs its index build at DEBUG) keep Python's WARNING default
     handler = logging.StreamHandler()
