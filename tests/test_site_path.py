@@ -68,8 +68,6 @@ def test_readme_site_path_has_every_step():
 
 
 # ---- README figures: the planner blocks are what the command prints ----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="the README's train plan is a condensed paraphrase of what plan_capacity.py "
-                   "prints (h6 is rewriting both; see /work/notes/h5_to_h6.md): remove this mark when they agree")
 def test_readme_capacity_plan_is_what_the_command_prints():
     """The block under the two commands is their output, optional [flags] included (the README shows them run)."""
     cmds = [re.sub(r"\[([^\]]*)\]", r"\1", c) for c in commands(readme_block("Capacity plan"))]
