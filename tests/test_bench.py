@@ -1,12 +1,15 @@
-"""`make bench` itself: the cheap parts run for real at small sizes (builder, guardrail, catalog, retrieval, planner) and the table
-says what was measured. The full figures are in the README; no timing is asserted here (ratios only in `make bench`)."""
+"""`make bench` itself: the cheap parts run for real at small sizes (builder, guardrail, catalog, retrieval,
+planner) and the table says what was measured. The full figures are in the README; no timing is asserted here (ratios only in `make bench`)."""
 import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import PKG
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_the_table(tmp_path, tiny_model_dir):
     r = subprocess.run([sys.executable, str(PKG / "demo" / "bench.py"), "--tiny_model", str(tiny_model_dir),
                         "--skip", "merge,eval,service", "--records", "40", "--context_tables", "3", "--guard_rounds", "1",

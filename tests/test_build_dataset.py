@@ -189,6 +189,7 @@ def test_bad_flag_exits_2():
     assert r.returncode == 2 and "holdout_fraction" in r.stderr
 
 
+@pytest.mark.slow
 def test_make_dataset_on_demo_data(demo_dataset):
     manifest = json.loads(demo_dataset["manifest"].read_text())
     train = json.loads(demo_dataset["train"].read_text())

@@ -699,6 +699,7 @@ COMMON = {"host": "127.0.0.1", "port": 8123, "served_model_name": ["oracle-ebs-s
           "enable_log_requests": False}
 
 
+@pytest.mark.slow
 def test_vllm_parses_gpu_yaml(vllm_parsed):
     got = vllm_parsed[str(YAML_GPU)]
     # port 8123 from the CLI wins over the file's 8000: cli > config > defaults
