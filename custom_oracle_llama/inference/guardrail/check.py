@@ -20,6 +20,7 @@ from guardrail.policy import default_policy
 from guardrail.query import Query
 from guardrail.rules import RULES
 from guardrail.rules.read_only import DML_NODES, STATEMENT_NODES
+from guardrail.rules.security_filters import filters_for
 
 ORACLE = Dialect.get_or_raise("oracle")
 SQLGLOT_IMPL = {"version": getattr(sqlglot, "__version__", "unknown")}
@@ -206,7 +207,6 @@ def _run_rules(sql, tokens, stmt, catalog, policy, security_filters, allow_dml, 
     else:
         skipped.append("catalog (no catalog given: table/column existence and the policy's required_filters "
                        "were not checked)")
-    from guardrail.rules.security_filters import filters_for
     if filters_for(q):
         checks.append("security_filters")
     elif not security_filters and catalog is None:
@@ -215,7 +215,7 @@ def _run_rules(sql, tokens, stmt, catalog, policy, security_filters, allow_dml, 
     codes = list(dict.fromkeys(f.code for f in findings))
     if explain and not reasons:
         checks.append("explain")
-        from oracle_explain import explain_oracle
+        from oracle_explain import explain_oracle  # python-oracledb loads only when a DSN is configured
         ora = explain(sql) if callable(explain) else explain_oracle(
             sql, explain["dsn"], explain["user"], explain["password"], explain.get("timeout_s", 10))
         if ora:

@@ -1,7 +1,8 @@
 """The guardrail's reason codes: one table that the guardrail, the dataset builder, the eval and the service read.
 
-Each verdict carries `codes` (a subset of CODES, in this order) and one `reasons` line per problem. The eval groups
-codes into report CATEGORIES (the two hallucination codes count as one category); nobody redeclares them.
+Each verdict carries `codes` (a subset of CODES, in the order the checks found them) and one `reasons` line per
+problem. The eval groups codes into report CATEGORIES (the two hallucination codes count as one category); nobody
+redeclares them.
 """
 CODES = {
     "contract": "SQL-only contract: one query, no prose, no fences with text outside, not empty or over-long",
