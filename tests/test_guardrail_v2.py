@@ -395,3 +395,50 @@ def test_ask_retrieves_the_context_when_none_is_given(fake_server, tmp_path):
     assert out["ok"] and out["retrieval"]["schema_sha256"]
     prompt = json.dumps(srv.requests[0])
     assert "AP_INVOICES_ALL" in prompt and "AP_SUPPLIERS" in prompt
+
+
+def test_ask_candidates_answers_with_the_majority_result(tmp_path):
+    """--candidates 4: one request for 4 samples; the guardrail drops the unsafe one; of the three that run on the
+    DuckDB mirror, the two that return the same rows (different SQL text) win over the higher-log-probability one."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+    texts = [("SELECT invoice_num FROM ap_invoices_all WHERE org_id IN (:org_ids) AND ROWNUM <= 1", -1.0),
+             ("SELECT COUNT(*) FROM ap_invoices_all WHERE org_id IN (:org_ids)", -3.0),
+             ("SELECT ai.invoice_num FROM ap_invoices_all ai WHERE ai.org_id IN (:org_ids) AND ROWNUM <= 1", -5.0),
+             ("SELECT xx_pkg.purge(1) FROM dual", -0.5)]
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": t},
+                        "logprobs": {"content": [{"token": "x", "logprob": lp, "bytes": None, "top_logprobs": []}]}}
+                       for i, (t, lp) in enumerate(texts[:body.get("n", 1)])]
+            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    demo = ROOT / "custom_oracle_llama" / "demo"
+    try:
+        r = subprocess.run([sys.executable, str(SCRIPT), "ask", "--base-url", f"http://127.0.0.1:{srv.server_address[1]}",
+                            "--model", "ebs", "--question", "One invoice number", "--candidates", "4",
+                            "--schema", str(demo / "ebs_schema.json"), "--catalog", str(demo / "ebs_catalog.json")],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        srv.shutdown()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(requests) == 1 and requests[0]["n"] == 4 and requests[0]["logprobs"] is True
+    assert out["ok"] and out["selection"]["index"] in (0, 2) and out["selection"]["votes"] == 2
+    assert [c["verdict"]["ok"] for c in out["candidates"]] == [True, True, True, False]
+    assert "candidate 4: rejected" in r.stderr

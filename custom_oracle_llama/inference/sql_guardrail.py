@@ -175,6 +175,26 @@ def _retrieved_context(args):
     return validate_context(context, "retrieved context"), rc.retrieval_settings(index, budget, tokenizer)
 
 
+def _ask_with_candidates(args, context, catalog, policy, api_key):
+    """Self-consistency: --candidates samples, guardrail, execution on the DuckDB mirror of --schema (deterministic
+    synthetic rows, the eval's), the majority result wins (ties: model log-probability). No retry round."""
+    if not args.schema:
+        raise StageError("--candidates executes the candidates on the DuckDB mirror of --schema: give --schema")
+    import openai
+    import retrieve_context as rc
+    from candidates import ask_with_candidates
+    from duckdb_explain import DuckDBMirror
+    from duckdb_mirror_data import bind_values, synthetic_rows
+    schema = rc.load_schema(args.schema)
+    data = synthetic_rows(schema, seed=0)
+    mirror = DuckDBMirror(catalog, data, bind_values(schema, data))
+    client = openai.OpenAI(base_url=openai_base_url(args.base_url), api_key=api_key or "EMPTY",
+                           timeout=args.timeout, max_retries=0)
+    return ask_with_candidates(client, args.model, args.question, context, catalog, policy, args.candidates,
+                               args.temperature, mirror.execute, max_tokens=args.max_tokens,
+                               explain=_explain_config(args))
+
+
 def _cmd_ask(args, policy, catalog):
     if catalog is None:
         raise StageError("ask needs --catalog: without it table/column checks and the policy's required MOAC "
@@ -183,16 +203,21 @@ def _cmd_ask(args, policy, catalog):
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and api_key is None:
         raise StageError(f"--api-key-env {args.api_key_env} is not set in the environment")
-    result = ask(args.base_url, args.model, args.question, context, catalog, policy, api_key=api_key,
-                 max_tokens=args.max_tokens, timeout=args.timeout, allow_dml=args.allow_dml,
-                 explain=_explain_config(args))
+    if args.candidates > 1:
+        result = _ask_with_candidates(args, context, catalog, policy, api_key)
+    else:
+        result = ask(args.base_url, args.model, args.question, context, catalog, policy, api_key=api_key,
+                     max_tokens=args.max_tokens, timeout=args.timeout, allow_dml=args.allow_dml,
+                     explain=_explain_config(args))
     if retrieval is not None:
         result["retrieval"] = retrieval
     print(json.dumps(result, ensure_ascii=False))
-    for i, a in enumerate(result["attempts"], 1):
+    for i, a in enumerate(result.get("attempts") or result.get("candidates") or [], 1):
         v = a["verdict"]
-        print(f"attempt {i}: {'ok' if v['ok'] else 'rejected'} in {a['latency_ms']} ms"
+        print(f"{'attempt' if 'attempts' in result else 'candidate'} {i}: {'ok' if v['ok'] else 'rejected'}"
               + ("" if v["ok"] else f" ({'; '.join(v['reasons'])[:300]})"), file=sys.stderr)
+    if "selection" in result:
+        print(f"selection: {result['selection'].get('reason')}", file=sys.stderr)
     return 0 if result["ok"] else 1
 
 
@@ -251,6 +276,12 @@ def build_parser():
     a.add_argument("--api-key-env", help="name of the environment variable holding the API key (never on the "
                                          "command line)")
     a.add_argument("--max-tokens", type=int, default=512, help="generation limit per attempt (default 512)")
+    a.add_argument("--candidates", type=int, default=1,
+                   help="N > 1: sample N answers in one request, drop guardrail rejects, execute the rest on the "
+                        "DuckDB mirror of --schema and answer with the majority result (ties: log-probability); "
+                        "default 1 = one answer + one retry with the reasons")
+    a.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --candidates "
+                                                                  "(default 0.7)")
     a.add_argument("--timeout", type=float, default=120.0, help="HTTP timeout per attempt in seconds (default 120)")
     k = sub.add_parser("catalog", help="build an indexed catalog (.sqlite) from a JSON or ALL_TAB_COLUMNS CSV "
                                        "catalog, for real-size EBS dictionaries",
