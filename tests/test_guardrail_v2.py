@@ -44,6 +44,8 @@ ATTACKS = [
      "unsafe", "XX_AP.PURGE_ALL"),
     ("niladic package in order by", f"SELECT invoice_num FROM ap_invoices_all WHERE {F} ORDER BY xx.run_job", "unsafe",
      "XX.RUN_JOB"),
+    ("undefined alias is a function call", f"SELECT x.invoice_num FROM ap_invoices_all ai WHERE ai.{F}", "unsafe",
+     "no table or alias X in scope"),
     ("package call with parentheses", "SELECT xx_pay_pkg.release_all_holds(1) FROM dual", "unsafe", "allowlist"),
     ("quoted package", 'SELECT "XX_PAY_PKG"."RELEASE" FROM dual', "unsafe", "XX_PAY_PKG.RELEASE"),
     # database links, however spaced
