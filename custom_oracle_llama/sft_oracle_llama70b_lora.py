@@ -305,6 +305,9 @@ def train(argv=None, load_model=load_bf16_model) -> dict:
     if not train_ex:
         raise StageError(f"no training example fits model_max_length={targs.model_max_length}")
 
+    # Seed before the model exists: LoRA's A matrices are drawn at get_peft_model, before Trainer seeds (same seed ->
+    # same adapter init on every rank and every run).
+    transformers.set_seed(targs.seed)
     model = load_model(margs, targs)
     partition = partition_report(model)
     collator = PadCollator(tokenizer.pad_token_id, multiple=64)
