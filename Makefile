@@ -52,6 +52,7 @@ XIYAN_ROOT ?=
 
 help:
 	@echo "make demo      whole pipeline on CPU with the tiny LLaMA: dataset -> train -> package -> serve -> ask -> eval"
+	@echo "make demo-seeds SEEDS=\"0 1 2\"  make demo once per training seed, figures per run and min-max"
 	@echo "make test      the test suite (creates both environments and the tiny model first)"
 	@echo "make test-fast the tests not marked slow: the inner loop while editing"
 	@echo "make dataset | train | package | serve | eval | bench       one stage at a time (see README)"
@@ -105,7 +106,10 @@ MAX_LEN ?= 2048
 # Tiny-model demo settings: a high LR and several epochs so 3.5M parameters memorize the demo SQL; no activation
 # checkpointing (tiny activations; on CPU it would only cost a third more compute).
 TRAIN_ARGS ?= --num_train_epochs 12 --learning_rate 5e-3 --per_device_train_batch_size 4 --gradient_checkpointing False \
-  --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 --seed 0
+  --gradient_accumulation_steps 1 --logging_steps 5 --save_steps 1000 --warmup_steps 0.05 --weight_decay 0.0 \
+  --seed $(TRAIN_SEED)
+# Same seed, same data -> the same adapter, bit for bit (tests/test_train.py); another seed is another run.
+TRAIN_SEED ?= 0
 train: $(ADAPTER)/adapter_model.safetensors
 $(ADAPTER)/adapter_model.safetensors: $(SFT) $(PKG)/sft_oracle_llama70b_lora.py $(ACCEL_CONFIG) $(CONTRACTS)
 	@test -f $(DS_JSON) || { echo "error: DeepSpeed config $(DS_JSON) not found$(if $(XIYAN_ROOT), \
@@ -187,6 +191,16 @@ retrieve-eval: $(TINY)/config.json
 MIN_LEARNED ?= 0.8
 demo: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
 	$(PY) $(PKG)/demo/run_demo.py --runs $(RUNS) --config $(VLLM_CONFIG) --min_learned $(MIN_LEARNED)
+
+# The demo's figures over several training seeds, reported per run and as min-max (README): one `make demo` per seed
+# in $(RUNS)/seeds/N (dataset, tiny model and split are the same; only the LoRA run differs), then the summary gates
+# on the WORST run.
+SEEDS ?= 0 1 2
+.PHONY: demo-seeds
+demo-seeds:
+	for s in $(SEEDS); do $(MAKE) demo RUNS=$(RUNS)/seeds/$$s TRAIN_SEED=$$s MIN_LEARNED=0 || exit $$?; done
+	$(PY) $(PKG)/demo/summarize_demo_runs.py $(foreach s,$(SEEDS),$(RUNS)/seeds/$(s)) --out $(RUNS)/seeds/summary \
+	  --min_learned $(MIN_LEARNED)
 
 # the eval part serves the fine-tuned 4-bit package (whole-SQL answers, as in production), so bench builds it first
 bench: $(QUANT)/oracle_manifest.json $(SERVE_VENV)/.installed
