@@ -16,6 +16,9 @@ import datetime as dt
 import candidates as cand
 import duckdb_mirror_data as mirror_data
 import eval_oracle_nl2sql as ev
+from artifacts import StageError
+from eval_inputs import dsn_host, parse_binds
+from eval_report import CATEGORIES, gate, percentile
 from duckdb_explain import DuckDBMirror, duckdb_type
 from prompting import chat_messages
 from sql_guardrail import check_sql
@@ -256,12 +259,76 @@ def test_unreachable_oracle_for_explain_exits_2(pred_inputs, tmp_path):
 @pytest.mark.parametrize("dsn,host", [("dbhost.example.com:1521/EBSPRD", "dbhost.example.com"),
                                       ("(DESCRIPTION=(ADDRESS=(PROTOCOL=TCP)(HOST=ebs-stg)(PORT=1521)))", "ebs-stg")])
 def test_dsn_host_label(dsn, host):
-    assert ev.dsn_host(dsn) == host
+    assert dsn_host(dsn) == host
 
 
 def test_percentile_is_nearest_rank():
-    assert ev.percentile([10, 20, 30, 40], 50) == 20 and ev.percentile([10, 20, 30, 40], 95) == 40
-    assert ev.percentile([None], 50) is None
+    assert percentile([10, 20, 30, 40], 50) == 20 and percentile([10, 20, 30, 40], 95) == 40
+    assert percentile([None], 50) is None
+
+
+# (values, q) -> the nearest-rank percentile: always an observed value, never an interpolation
+PERCENTILES = [([40, 10, 30, 20], 50, 20), ([40, 10, 30, 20], 51, 30), (list(range(1, 21)), 95, 19),
+               (list(range(1, 21)), 96, 20), ([None, 7.5, None], 95, 7.5), ([5], 0, 5), ([], 50, None)]
+
+
+@pytest.mark.parametrize("values,q,expected", PERCENTILES)
+def test_percentile_table(values, q, expected):
+    assert percentile(values, q) == expected
+
+
+# one row per behaviour: --bind arguments -> the binds (or the StageError)
+BINDS = [
+    ("numbers where they parse", ["org_ids=204,-205"], {"org_ids": [204, -205]}),
+    ("names lower-cased, text kept", ["Status=OPEN,1.5"], {"status": ["OPEN", "1.5"]}),
+    ("the last of a repeated name wins", ["x=1", "X=2"], {"x": [2]}),
+    ("no --bind", None, {}),
+    ("no '='", ["org_ids"], StageError),
+    ("not a bind name", ["1x=3"], StageError),
+    ("not a bind name either", ["org-ids=3"], StageError),
+]
+
+
+@pytest.mark.parametrize("items,expected", [c[1:] for c in BINDS], ids=[c[0] for c in BINDS])
+def test_parse_binds(items, expected):
+    if expected is StageError:
+        with pytest.raises(StageError, match="must be NAME=VALUE"):
+            parse_binds(items)
+    else:
+        assert parse_binds(items) == expected
+
+
+def _totals(exact=0.5, ex=0.5, **final):
+    """The totals entries the gates read: every category's final rate (0 unless given), exact match, EX."""
+    return {**{f"{c}_rate": {"first": None, "final": final.get(c, 0.0)} for c in CATEGORIES},
+            "exact_match": {"first": None, "final": exact}, "execution": {"rate": ex}}
+
+
+# one row per behaviour: threshold flags + measured totals -> [(flag, passed)], max gates first, in flag order
+GATES = [
+    ("a max limit itself passes", ["--max_unsafe_rate", "0.125"], _totals(unsafe=0.125),
+     [("--max_unsafe_rate", True)]),
+    ("above a max limit fails", ["--max_unsafe_rate", "0.125"], _totals(unsafe=0.1251),
+     [("--max_unsafe_rate", False)]),
+    ("security flag gates security_filter", ["--max_security_violation_rate", "0"], _totals(security_filter=0.01),
+     [("--max_security_violation_rate", False)]),
+    ("a min limit itself passes", ["--min_exact_match", "0.5"], _totals(exact=0.5), [("--min_exact_match", True)]),
+    ("below a min limit fails", ["--min_exact_match", "0.5"], _totals(exact=0.4999), [("--min_exact_match", False)]),
+    ("undecided EX fails even a 0 limit", ["--min_execution_match", "0"], _totals(ex=None),
+     [("--min_execution_match", False)]),
+    ("no flags, no gates", [], _totals(unsafe=1.0, exact=0.0), []),
+    ("order", ["--min_exact_match", "0.9", "--max_hallucination_rate", "0.2", "--max_parse_error_rate", "0"],
+     _totals(hallucination=0.2), [("--max_parse_error_rate", True), ("--max_hallucination_rate", True),
+                                  ("--min_exact_match", False)]),
+]
+
+
+@pytest.mark.parametrize("flags,totals,expected", [c[1:] for c in GATES], ids=[c[0] for c in GATES])
+def test_gate(flags, totals, expected):
+    args = ev.build_parser().parse_args(["--eval_data", "e.json", "--catalog", "c.json", *flags])
+    gates = gate(totals, args)
+    assert [(g["flag"], g["passed"]) for g in gates] == expected
+    assert all(set(g) == {"flag", "value", "limit", "passed"} for g in gates)
 
 
 # ------------------------------------------------------------------------------- synthetic rows + execution
