@@ -58,8 +58,8 @@ def load_predictions(path, examples, candidates=False):
         except json.JSONDecodeError as e:
             raise StageError(f"--predictions {path} line {n} is not JSON: {e}") from None
         ok = isinstance(item, dict) and "id" in item and all(
-            isinstance(item.get(k), (str, type(None))) for k in ("text", "retry_text")) and all(
-            isinstance(c, dict) and isinstance(c.get("text"), str) for c in item.get("candidates", []))
+            isinstance(item.get(k), (str, type(None))) for k in ("text", "retry_text")) and isinstance(
+            item.get("candidates", []), list) and all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in item.get("candidates", []))
         if not ok:
             raise StageError(f'--predictions {path} line {n} must be {{"id", "text"[, "retry_text"]'
                              f'[, "candidates": [{{"text", "logprob"}}]]}}')

@@ -107,6 +107,9 @@ def validate_args(args):
         raise StageError("--concurrency, --limit, --max_tokens, --candidates and --row_cap must be >= 1")
     if args.exec_timeout <= 0 or args.temperature < 0:
         raise StageError("--exec_timeout must be > 0 and --temperature >= 0")
+    if args.candidates > 1 and args.temperature == 0:
+        raise StageError("--candidates N > 1 samples N answers: give --temperature > 0 (greedy decoding gives N "
+                         "copies of one answer; vLLM refuses n > 1 with temperature 0)")
     for flag in [f"max_{f}_rate" for f in MAX_GATES] + [f"min_{f}" for f in MIN_GATES]:
         v = getattr(args, flag)
         if v is not None and not 0 <= v <= 1:

@@ -212,6 +212,13 @@ def _bad_json(tmp):
     return p
 
 
+def _null_candidates(tmp, d):
+    p = tmp / "null.jsonl"
+    first = json.loads((d / "pred.jsonl").read_text().splitlines()[0])
+    p.write_text(json.dumps({**first, "candidates": None}) + "\n")
+    return p
+
+
 BAD_INPUT = [
     ("missing eval file", lambda t, d: ["--eval_data", t / "nope.json", "--catalog", CATALOG_PATH,
                                         "--predictions", d / "pred.jsonl"], "cannot read --eval_data"),
@@ -227,6 +234,13 @@ BAD_INPUT = [
     ("threshold out of range", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
                                              "--predictions", d / "pred.jsonl", "--max_unsafe_rate", "5"],
      "between 0 and 1"),
+    ("candidates with greedy decoding", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
+                                                      "--predictions", d / "pred.jsonl", "--schema", SCHEMA_PATH,
+                                                      "--candidates", "3", "--temperature", "0"],
+     "give --temperature > 0"),
+    ("candidates null in a predictions line", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
+                                                            "--predictions", _null_candidates(t, d)],
+     'line 1 must be {"id", "text"'),
     ("oracle DSN without credentials", lambda t, d: ["--eval_data", d / "eval.json", "--catalog", CATALOG_PATH,
                                                      "--predictions", d / "pred.jsonl", "--oracle_dsn", "db:1521/X"],
      "ORACLE_USER"),

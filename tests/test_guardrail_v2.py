@@ -444,3 +444,12 @@ def test_ask_candidates_answers_with_the_majority_result(tmp_path):
     assert out["ok"] and out["selection"]["index"] in (0, 2) and out["selection"]["votes"] == 2
     assert [c["verdict"]["ok"] for c in out["candidates"]] == [True, True, True, False]
     assert "candidate 4: rejected" in r.stderr
+
+
+def test_ask_candidates_with_greedy_decoding_is_refused_before_any_request(tmp_path):
+    demo = ROOT / "custom_oracle_llama" / "demo"
+    r = subprocess.run([sys.executable, str(SCRIPT), "ask", "--base-url", "http://127.0.0.1:9", "--model", "ebs",
+                        "--question", "One invoice number", "--candidates", "4", "--temperature", "0",
+                        "--schema", str(demo / "ebs_schema.json"), "--catalog", str(demo / "ebs_catalog.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "give --temperature > 0" in r.stderr and "Traceback" not in r.stderr

@@ -124,6 +124,17 @@ def test_stage_env_forces_offline_and_keeps_user_settings(tmp_path):
         stage_env.apply({}, files=[bad])
 
 
+def test_stage_env_silences_listed_third_party_warnings_only():
+    """DeepSpeed's every-step torch.distributed deprecation is dropped; any other warning still shows."""
+    code = ("import sys, warnings; sys.path.insert(0, sys.argv[1]); import stage_env; stage_env.apply({}); "
+            "warnings.warn('`torch.distributed.reduce_scatter_tensor` is deprecated. Use x', FutureWarning); "
+            "warnings.warn('our own deprecation', FutureWarning); warnings.warn('a user warning')")
+    r = subprocess.run([sys.executable, "-c", code, str(PKG)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "torch.distributed" not in r.stderr
+    assert "FutureWarning: our own deprecation" in r.stderr and "UserWarning: a user warning" in r.stderr
+
+
 def test_install_records_the_environments_and_serve_finds_vllm_from_the_xiyan_root(tmp_path):
     """From the XiYan root, serve.py finds the vLLM python install_into_xiyan recorded (no --vllm_python)."""
     xiyan, venv, serve_venv = tmp_path / "XiYan-SQLTraining", tmp_path / "envs" / "venv", tmp_path / "envs" / "serve"

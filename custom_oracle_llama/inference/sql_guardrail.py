@@ -180,6 +180,9 @@ def _ask_with_candidates(args, context, catalog, policy, api_key):
     synthetic rows, the eval's), the majority result wins (ties: model log-probability). No retry round."""
     if not args.schema:
         raise StageError("--candidates executes the candidates on the DuckDB mirror of --schema: give --schema")
+    if args.temperature <= 0:
+        raise StageError("--candidates N > 1 samples N answers: give --temperature > 0 (greedy decoding gives N "
+                         "copies of one answer; vLLM refuses n > 1 with temperature 0)")
     import openai
     import retrieve_context as rc
     from candidates import ask_with_candidates
