@@ -30,7 +30,7 @@ endif
 # so changing a guardrail rule, the policy, the prompt template or the builder rebuilds what was made with the old one.
 CONTRACTS := $(PKG)/prompts/oracle_nl2sql_v1.jinja $(PKG)/prompting.py $(PKG)/inference/sql_guardrail.py \
   $(wildcard $(PKG)/inference/guardrail/*.py) $(PKG)/inference/guardrail_policy.yaml \
-  $(PKG)/build_oracle_sft_dataset.py $(wildcard $(PKG)/retrieve_context.py)
+  $(PKG)/build_oracle_sft_dataset.py $(PKG)/dataset_records.py $(wildcard $(PKG)/retrieve_context.py)
 
 # ---- demo pipeline settings (override on the command line) --------------------------------------------------
 DATA := $(RUNS)/data

@@ -633,8 +633,7 @@ def _summary(rows: list[dict]) -> dict:
 def evaluate(index: Index, records: list[dict], tokenizer=None, max_context_tokens=DEFAULT_MAX_CONTEXT_TOKENS,
              holdout_fraction: float = 0.1, seed: int = 0) -> dict:
     """Table/column recall (every gold table/column in the context) overall and per split, context sizes."""
-    from build_oracle_sft_dataset import hashed_side
-    from sql_guardrail import normalized_sql
+    from dataset_records import hashed_side, split_key
 
     rows, latencies = [], []
     for n, rec in enumerate(records, 1):
@@ -653,7 +652,7 @@ def evaluate(index: Index, records: list[dict], tokenizer=None, max_context_toke
         got_t = {t["name"] for t in ctx["tables"]}
         got_c = {f"{t['name']}.{c['name']}" for t in ctx["tables"] for c in t["columns"]}
         rows.append({"id": rec.get("id", f"line-{n}"),
-                     "split": rec.get("split") or hashed_side(normalized_sql(sql), holdout_fraction, seed),
+                     "split": rec.get("split") or hashed_side(split_key(sql), holdout_fraction, seed),
                      "tables_ok": gold_t <= got_t, "columns_ok": gold_c <= got_c, "n_tables": len(got_t),
                      "tokens": prompt_tokens(rec["question"], ctx, tokenizer) if err is None else 0,
                      "missing": sorted((gold_t - got_t) | (gold_c - got_c)), "error": err})

@@ -7,6 +7,9 @@ import pytest
 
 from conftest import PKG, ROOT
 import build_oracle_sft_dataset as builder
+from dataset_records import (Context, chat_texts, count_tokens, dedupe_and_split, hashed_side, sft_record,
+                             split_key, validate_record)
+from prompting import chat_messages
 
 SCRIPT = PKG / "build_oracle_sft_dataset.py"
 CTX = {"tables": [
@@ -49,7 +52,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, line, reason", CASES, ids=[c[0] for c in CASES])
 def test_validation_rules(name, line, reason):
-    accepted, rejected = builder.validate_record(7, line, catalog=None, policy=builder.sql_guardrail.load_policy())
+    accepted, rejected = validate_record(7, line, catalog=None, policy=builder.sql_guardrail.load_policy())
     if reason is None:
         assert rejected is None and accepted["sql"] == GOOD_SQL
     else:
@@ -59,7 +62,7 @@ def test_validation_rules(name, line, reason):
 def test_global_catalog_also_constrains():
     catalog = {"AP_INVOICES_ALL": {"INVOICE_ID": "NUMBER", "ORG_ID": "NUMBER", "VENDOR_ID": "NUMBER"},
                "AP_SUPPLIERS": {"VENDOR_ID": "NUMBER", "VENDOR_NAME": "VARCHAR2(240)"}}
-    _, rejected = builder.validate_record(1, rec(), catalog=catalog, policy=builder.sql_guardrail.load_policy())
+    _, rejected = validate_record(1, rec(), catalog=catalog, policy=builder.sql_guardrail.load_policy())
     assert rejected["reason"] == "unknown_column" and "INVOICE_AMOUNT" in rejected["detail"]
 
 
@@ -71,27 +74,60 @@ def records(*pairs):
 def test_duplicates_and_leak_free_split():
     recs = records(("Q one", "S1", None), ("q  ONE?", "S2", None), ("Q two", "S1", None),
                    ("Q three", "S3", "holdout"), ("Q four", "S3", "train"))
-    train, holdout, rejects = builder.dedupe_and_split(recs, holdout_fraction=0.0, seed=0)
+    train, holdout, rejects = dedupe_and_split(recs, holdout_fraction=0.0, seed=0)
     assert [r["id"] for r in train] == ["r0", "r2"] and [r["id"] for r in holdout] == ["r3"]
     assert [(r["line"], r["reason"]) for r in rejects] == [(2, "duplicate"), (5, "split_leak")]
 
 
 def test_split_is_grouped_by_sql_and_order_independent():
     recs = records(*[(f"question {i}", f"SQL{i % 20}", None) for i in range(200)])
-    train, holdout, _ = builder.dedupe_and_split(recs, holdout_fraction=0.3, seed=1)
+    train, holdout, _ = dedupe_and_split(recs, holdout_fraction=0.3, seed=1)
     assert not {r["norm_sql"] for r in train} & {r["norm_sql"] for r in holdout}
     assert 0.1 < len(holdout) / 200 < 0.5
-    train2, holdout2, _ = builder.dedupe_and_split(list(reversed(recs)), holdout_fraction=0.3, seed=1)
+    train2, holdout2, _ = dedupe_and_split(list(reversed(recs)), holdout_fraction=0.3, seed=1)
     assert {r["id"] for r in holdout2} == {r["id"] for r in holdout}
+
+
+# One gold query, spelled as a user might: split_key (what other stages hash) is the builder's own group key.
+INVOICE_SQL = "SELECT AI.INVOICE_NUM FROM AP_INVOICES_ALL AI WHERE AI.ORG_ID IN (:org_ids)"
+SPELLINGS = [INVOICE_SQL, INVOICE_SQL + ";", INVOICE_SQL + " -- open invoices", f"```sql\n{INVOICE_SQL}\n```",
+             'SELECT "AI"."INVOICE_NUM" FROM AP_INVOICES_ALL AI WHERE AI.ORG_ID IN (:org_ids)',
+             "select ai.invoice_num /* n */ from ap_invoices_all ai\nwhere ai.org_id in (:org_ids)"]
+
+
+@pytest.mark.parametrize("sql", SPELLINGS)
+def test_split_key_is_the_builders_group_key(sql):
+    accepted, rejected = validate_record(1, rec(sql=sql), catalog=None, policy=builder.sql_guardrail.load_policy())
+    assert rejected is None, rejected
+    assert split_key(sql) == accepted["norm_sql"] == split_key(INVOICE_SQL)
+
+
+def test_tiny_fixture_corpus_takes_the_builders_train_split(tmp_path):
+    """make_tiny_llama.training_sql (the SQL the tiny model pre-trains on) is exactly the builder's train split, also
+    for spellings where the guardrail's normalized_sql (comments, quoted case kept) would hash to the other side."""
+    import make_tiny_llama
+    from sql_guardrail import normalized_sql
+
+    fraction, seed = 0.5, 13
+    assert any(hashed_side(normalized_sql(s), fraction, seed) != hashed_side(split_key(s), fraction, seed)
+               for s in SPELLINGS), "the case this test is about: the two keys disagree for this seed"
+    sqls = SPELLINGS + [GOOD_SQL]
+    lines = [rec(question=f"question {i}", sql=s) for i, s in enumerate(sqls)]
+    (tmp_path / "raw.jsonl").write_text("".join(line + "\n" for line in lines))
+    policy = builder.sql_guardrail.load_policy()
+    accepted = [validate_record(n, line, None, policy)[0] for n, line in enumerate(lines, 1)]
+    train, holdout, rejects = dedupe_and_split(accepted, fraction, seed)
+    assert not rejects and train and holdout
+    assert make_tiny_llama.training_sql(tmp_path / "raw.jsonl", fraction, seed) == [sqls[r["line"] - 1] for r in train]
 
 
 def test_token_counts_equal_chat_template(tiny_model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     raw = [json.loads(line) for line in (PKG / "demo" / "raw_questions.jsonl").read_text().splitlines()[:20]]
-    sft = [builder.sft_record({"id": str(i), "question": r["question"], "sql": r["sql"], "context": r["context"],
-                               "tags": []}) for i, r in enumerate(raw)]
-    for r, (total, answer) in zip(sft, builder.count_tokens(tok.backend_tokenizer, *builder.chat_texts(tok, sft))):
+    sft = [sft_record({"id": str(i), "question": r["question"], "sql": r["sql"], "context": r["context"],
+                       "tags": []}) for i, r in enumerate(raw)]
+    for r, (total, answer) in zip(sft, count_tokens(tok.backend_tokenizer, *chat_texts(tok, sft))):
         full = tok.apply_chat_template(r["conversations"], tokenize=True)["input_ids"]
         prompt = tok.apply_chat_template(r["conversations"][:1], tokenize=True, add_generation_prompt=True)["input_ids"]
         assert (total, answer) == (len(full), len(full) - len(prompt))
@@ -228,9 +264,9 @@ def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
     assert retrieved and retrieved <= {d["id"] for d in demo[:12]} and demo[40]["id"] in set(kept) - retrieved
     for rid in retrieved:  # the prompt trained on is the one serving renders from the same retrieval
         ctx = retrieve_context.retrieve(index, kept[rid]["question"], max_context_tokens=3000)
-        assert kept[rid]["context"] == builder.Context.model_validate(ctx).model_dump()
-        assert kept[rid]["conversations"][0] == builder.chat_messages(kept[rid]["question"], ctx)[0]
-    assert kept[demo[40]["id"]]["context"] == builder.Context.model_validate(demo[40]["context"]).model_dump()
+        assert kept[rid]["context"] == Context.model_validate(ctx).model_dump()
+        assert kept[rid]["conversations"][0] == chat_messages(kept[rid]["question"], ctx)[0]
+    assert kept[demo[40]["id"]]["context"] == Context.model_validate(demo[40]["context"]).model_dump()
 
 
 @pytest.mark.parametrize("flags", [["--retrieve"], ["--schema", "s.json"], ["--max_context_tokens", "900"]])

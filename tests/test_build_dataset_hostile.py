@@ -15,6 +15,7 @@ import pytest
 
 from conftest import PKG, ROOT
 import build_oracle_sft_dataset as builder
+from dataset_records import gold_sql_key
 
 SCRIPT = PKG / "build_oracle_sft_dataset.py"
 CATALOG = PKG / "demo" / "ebs_catalog.json"
@@ -173,7 +174,7 @@ GOLD_CASES = [  # sql -> builder reason (None = a valid gold answer)
 
 @pytest.mark.parametrize("sql, reason", GOLD_CASES, ids=[c[0] for c in GOLD_CASES])
 def test_gold_sql_must_be_a_complete_query_reading_a_table(sql, reason):
-    problem, detail = builder.gold_sql_key(sql, ["AP_SUPPLIERS", "AP_INVOICES_ALL"])
+    problem, detail = gold_sql_key(sql, ["AP_SUPPLIERS", "AP_INVOICES_ALL"])
     assert problem == reason, detail
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import PKG, ROOT
 from serving import CPU_YAML, tree_rss
-import build_oracle_sft_dataset as builder
+from dataset_records import apply_token_limits, chat_texts, count_tokens, sft_record
 from prompting import chat_messages
 
 SCHEMA = json.loads((PKG / "demo" / "ebs_schema.json").read_text())
@@ -61,9 +61,9 @@ def test_builder_token_budget_is_exact_at_8192_on_seed_size_contexts(tokenizer):
     contexts = [seed_size_context(c) for c in SEED_CHARS] + [schema_context(TABLES)]
     records = [{"id": f"long-{i}", "line": i + 1, "question": QUESTION, "sql": SQL, "context": ctx, "tags": []}
                for i, ctx in enumerate(contexts)]
-    sft = [builder.sft_record(r) for r in records]
-    full, prompt_chars = builder.chat_texts(tokenizer, sft)
-    counts = builder.count_tokens(tokenizer.backend_tokenizer, full, prompt_chars)
+    sft = [sft_record(r) for r in records]
+    full, prompt_chars = chat_texts(tokenizer, sft)
+    counts = count_tokens(tokenizer.backend_tokenizer, full, prompt_chars)
     for rec, chars, (total, answer) in zip(sft, [*SEED_CHARS, 20_000], counts):
         assert len(rec["conversations"][0]["content"]) >= chars
         ids = tokenizer.apply_chat_template(rec["conversations"], tokenize=True)["input_ids"]
@@ -71,13 +71,13 @@ def test_builder_token_budget_is_exact_at_8192_on_seed_size_contexts(tokenizer):
                                                add_generation_prompt=True)["input_ids"]
         assert (total, answer) == (len(ids), len(ids) - len(prompt))
         assert 1_500 < len(prompt) and total + MAX_OUT <= MAX_LEN  # seed-size, and fits 8192 with the output cap
-    kept, rejects = builder.apply_token_limits(records, counts, MAX_LEN, MAX_OUT)
+    kept, rejects = apply_token_limits(records, counts, MAX_LEN, MAX_OUT)
     assert len(kept) == len(records) and rejects == []
     biggest = max(t for t, _ in counts)
-    kept, rejects = builder.apply_token_limits(records, counts, biggest - 1, MAX_OUT)
+    kept, rejects = apply_token_limits(records, counts, biggest - 1, MAX_OUT)
     assert [r["reason"] for r in rejects] == ["too_long"]
     assert rejects[0]["detail"] == f"{biggest} tokens > model_max_length {biggest - 1}"
-    kept, rejects = builder.apply_token_limits(records, counts, biggest, MAX_OUT)
+    kept, rejects = apply_token_limits(records, counts, biggest, MAX_OUT)
     assert rejects == [] and max(r["n_tokens"] for r in kept) == biggest
 
 

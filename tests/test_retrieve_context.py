@@ -11,7 +11,8 @@ import sqlglot
 from sqlglot import exp
 
 from conftest import PKG
-import build_oracle_sft_dataset as builder
+from dataset_records import validate_record
+from prompting import chat_messages
 import retrieve_context as rc
 import schema_from_fnd
 
@@ -93,7 +94,7 @@ def test_context_is_accepted_by_the_builder_and_its_guardrail(index):
     for n, rec in enumerate(recs, 1):
         ctx = rc.retrieve(index, rec["question"])
         line = json.dumps({"question": rec["question"], "sql": rec["sql"], "context": ctx})
-        accepted, reject = builder.validate_record(n, line, None, None)
+        accepted, reject = validate_record(n, line, None, None)
         assert reject is None, (rec["question"], reject)
         assert accepted["context"]["tables"], rec["question"]
 
@@ -159,7 +160,7 @@ def test_budget_is_exact_with_the_real_chat_template(index, tokenizer):
     q = "Which invoices are past due and still unpaid, by supplier?"
     full = rc.retrieve(index, q, tokenizer, 4000)
     n_full = rc.prompt_tokens(q, full, tokenizer)
-    ids = tokenizer.apply_chat_template(builder.chat_messages(q, full), add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(chat_messages(q, full), add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert n_full == len(ids)
     budget = n_full - 150

@@ -271,7 +271,7 @@ def bench_service(model_dir: Path, catalog: Path, n: int, rounds: int) -> dict:
 
 def bench_build_records(n: int) -> dict:
     """(7) The builder CLI on n demo-derived records in a subprocess: wall time and its own peak RSS (wait4)."""
-    import build_oracle_sft_dataset as builder
+    from dataset_records import context_catalog
     import sql_guardrail
 
     demo = [json.loads(line) for line in RAW.read_text().splitlines()]
@@ -295,7 +295,7 @@ def bench_build_records(n: int) -> dict:
     sample = recs[:2000]  # the floor per record, from a sample
     t0 = time.perf_counter()
     for r in sample:
-        sql_guardrail.check_sql(r["sql"], catalog=builder.context_catalog(r["context"], catalog), policy=policy,
+        sql_guardrail.check_sql(r["sql"], catalog=context_catalog(r["context"], catalog), policy=policy,
                                 security_filters=r["context"]["security_filters"])
     guard_per_rec = (time.perf_counter() - t0) / len(sample)
     return {"records": n, "raw_mb": raw_mb, "build_s": t_build, "records_per_s": n / t_build,

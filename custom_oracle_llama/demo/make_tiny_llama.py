@@ -164,16 +164,15 @@ def synthetic_pairs(schema: dict, n: int, seed: int) -> list[tuple[str, dict, st
 
 
 def training_sql(raw_path: Path, holdout_fraction: float, seed: int) -> list[str]:
-    """SQL text of the demo records the dataset builder will put in the TRAIN split (same function, same seed)."""
-    sys.path.insert(0, str(HERE.parent / "inference"))
-    from build_oracle_sft_dataset import hashed_side
-    from sql_guardrail import normalized_sql
+    """SQL text of the demo records the dataset builder will put in the TRAIN split: the builder's own split_key and
+    hashed_side, same seed (the guardrail's normalized_sql keeps comments and quoted case: another grouping)."""
+    from dataset_records import hashed_side, split_key
 
     out = []
     for line in raw_path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         sql = rec.get("sql") or rec.get("sql_gold")
-        side = rec.get("split") or hashed_side(normalized_sql(sql), holdout_fraction, seed)
+        side = rec.get("split") or hashed_side(split_key(sql), holdout_fraction, seed)
         if side == "train":
             out.append(sql)
     return out

@@ -60,7 +60,7 @@ from sqlglot.errors import ParseError, TokenError  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from artifacts import StageError  # noqa: E402
-from build_oracle_sft_dataset import Context, RawRecord  # noqa: E402  (the builder's raw-record schema)
+from dataset_records import Context, RawRecord  # noqa: E402  (the dataset builder's raw-record schema)
 from service_keys import read_keys, sha256_hex  # noqa: E402  (the keys file format lives with its tool)
 from sql_guardrail import ask, check_sql, load_catalog, load_policy  # noqa: E402
 
