@@ -31,7 +31,6 @@ from artifacts import (StageError, atomic_file_set, atomic_write_json, atomic_wr
 from dataset_records import (MAX_LINE_BYTES, MAX_QUESTION_CHARS, apply_token_limits,  # noqa: E402
                              catalog_from_contexts, chat_texts, count_tokens, dedupe_and_split, read_lines,
                              sft_record, validate_record)
-from dataset_records import RawRecord, hashed_side  # noqa: E402,F401  (still imported from here by test_sql_service)
 from guardrail.codes import CODES  # noqa: E402
 from prompting import template_sha256  # noqa: E402
 import sql_guardrail  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from artifacts import StageError
-from build_oracle_sft_dataset import RawRecord
+from dataset_records import RawRecord
 from serve import free_port, log_tail, stop_tree
 from serving import CPU_YAML, ROOT, served_name
 from sql_guardrail import check_sql, load_catalog, load_policy
@@ -443,9 +443,8 @@ def test_keys_file_changes_apply_without_restart(dead_service):
 def train_records(n):
     """Demo records on the TRAIN side of the builder's split (`make dataset`'s settings: the 4-bit package
     reproduces most of these)."""
-    from build_oracle_sft_dataset import hashed_side
-    from sql_guardrail import normalized_sql
-    return [r for r in RECORDS if hashed_side(normalized_sql(r["sql"]), 0.1, 0) == "train"][:n]
+    from dataset_records import hashed_side, split_key
+    return [r for r in RECORDS if hashed_side(split_key(r["sql"]), 0.1, 0) == "train"][:n]
 
 
 @pytest.fixture
