@@ -86,7 +86,7 @@ SPLIT_SEED ?= 0
 $(TINY)/config.json: $(VENV)/.installed $(PKG)/demo/make_tiny_llama.py $(PKG)/demo/ebs_schema.json \
     $(PKG)/demo/llama3_chat_template.jinja $(PKG)/demo/raw_questions.jsonl $(CONTRACTS)
 	$(PY) $(PKG)/demo/make_tiny_llama.py --out $(TINY) --holdout_fraction $(HOLDOUT_FRACTION) \
-	  --split_seed $(SPLIT_SEED) --force
+	  --split_seed $(SPLIT_SEED) --force --reuse
 
 # ---- stage 1: dataset ------------------------------------------------------------------------------------------
 dataset: $(SFT)

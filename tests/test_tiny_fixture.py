@@ -66,3 +66,28 @@ def test_synthetic_sql_passes_the_guardrail():
         catalog = {t["name"]: {c["name"]: c["type"] for c in t["columns"]} for t in ctx["tables"]}
         v = g.check_sql(sql, catalog=catalog, security_filters=ctx["security_filters"])
         assert v["ok"], (sql, v["reasons"])
+
+
+def test_reuse_skips_a_build_from_the_same_inputs_and_rebuilds_on_a_change(tmp_path):
+    """`make tiny` passes --reuse: a prerequisite touched without changing the corpus costs seconds; any input
+    change (here the seed) builds again. Small settings: the decision is under test, not the model."""
+    import subprocess
+    import sys
+    out = tmp_path / "tiny"
+    small = ["--out", str(out), "--vocab_size", "512", "--pretrain_steps", "2", "--sql_repeats", "1", "--force",
+             "--reuse"]
+
+    def build(*extra):
+        r = subprocess.run([sys.executable, str(PKG / "demo" / "make_tiny_llama.py"), *small, *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    assert "tiny llama:" in build()
+    weights, fixture = (out / "model.safetensors").stat().st_mtime_ns, json.loads((out / "tiny_fixture.json").read_text())
+    config_mtime = (out / "config.json").stat().st_mtime_ns
+    assert "up to date (same inputs" in build()
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    assert (out / "config.json").stat().st_mtime_ns > config_mtime  # make's target is fresh again
+    assert "tiny llama:" in build("--seed", "1")
+    assert json.loads((out / "tiny_fixture.json").read_text())["inputs_sha256"] != fixture["inputs_sha256"]

@@ -11,6 +11,7 @@ stage has to learn, the way Llama-3.3 knows SQL but not your EBS questions.
     python custom_oracle_llama/demo/make_tiny_llama.py --out .cache/tiny-llama
 """
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from artifacts import StageError, atomic_dir, sha256_file  # noqa: E402
+from artifacts import StageError, atomic_dir, library_versions, sha256_file  # noqa: E402
 from prompting import render_user_prompt  # noqa: E402
 
 # Meta's Llama-3 split regex (tiktoken cl100k-style), so words/numbers/punctuation split like the real tokenizer.
@@ -236,6 +237,24 @@ def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int):
     return losses
 
 
+def build_inputs(corpus: list[str], args) -> dict:
+    """Everything the built model depends on, hashed: same inputs -> the same model (seeded, single process)."""
+    inputs = {"corpus_sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest(), "config": CONFIG,
+              "vocab_size": args.vocab_size, "pretrain_steps": args.pretrain_steps, "seed": args.seed,
+              "script_sha256": sha256_file(__file__),
+              "chat_template_sha256": sha256_file(HERE / "llama3_chat_template.jinja"),
+              "versions": library_versions("torch", "transformers", "tokenizers")}
+    return {**inputs, "sha256": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()}
+
+
+def built_from(out: Path, inputs: dict) -> bool:
+    try:
+        fixture = json.loads((out / "tiny_fixture.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return fixture.get("inputs_sha256") == inputs["sha256"] and (out / "model.safetensors").is_file()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output model directory (created atomically)")
@@ -251,6 +270,10 @@ def main(argv=None):
     ap.add_argument("--pretrain_steps", type=int, default=800, help="causal-LM steps on the schema corpus (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="seed for weights, corpus sampling and pre-training")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep --out when it was built from the same inputs (corpus, architecture, settings, this "
+                         "script, chat template, library versions: inputs_sha256 in tiny_fixture.json); `make tiny` "
+                         "uses it, so an edit to a shared file that leaves the corpus alone costs seconds, not minutes")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -263,6 +286,11 @@ def main(argv=None):
         corpus = schema_corpus(schema, args.seed)
         demo_sql = training_sql(Path(args.demo_raw), args.holdout_fraction, args.split_seed) if args.demo_raw else []
         corpus += demo_sql * args.sql_repeats
+        inputs = build_inputs(corpus, args)
+        if args.reuse and built_from(Path(args.out), inputs):
+            (Path(args.out) / "config.json").touch()  # up to date for make: its prerequisites changed, not the model
+            print(f"tiny llama up to date (same inputs {inputs['sha256'][:12]}): {args.out}")
+            return 0
         tokenizer = train_tokenizer(corpus, args.vocab_size)
         bos, eot, eot_text = (tokenizer.convert_tokens_to_ids(t)
                               for t in ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"))
@@ -286,7 +314,7 @@ def main(argv=None):
                 "demo_train_sql_in_corpus": len(demo_sql), "sql_repeats": args.sql_repeats,
                 "holdout_fraction": args.holdout_fraction,
                 "split_seed": args.split_seed,
-                "pretrain_steps": args.pretrain_steps,
+                "pretrain_steps": args.pretrain_steps, "inputs_sha256": inputs["sha256"],
                 "pretrain_loss_first_last": [losses[0], losses[-1]] if losses else None,
                 "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
         n = sum(p.numel() for p in model.parameters())
