@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -305,12 +306,14 @@ def test_adversarial_outputs_are_rejected(name, text, code, policy):
     assert v["reasons"] and all(isinstance(r, str) and r for r in v["reasons"])
 
 
-def test_adversarial_table_is_big_enough():
-    assert len(ADVERSARIAL) >= 60 and len({r[0] for r in ADVERSARIAL}) == len(ADVERSARIAL)
+def test_every_reason_code_has_adversarial_rows():
+    """Each code the guardrail gives without a database (guardrail/codes.py; explain_error needs a backend and has
+    its own tests) is expected by some row above: a new code without one fails here. Row names are the test ids."""
+    assert {r[2] for r in ADVERSARIAL} == set(g.CODES) - {"explain_error"}
+    assert len({r[0] for r in ADVERSARIAL}) == len(ADVERSARIAL)
 
 
 def test_long_input_is_rejected_fast(policy):
-    import time
     t0 = time.perf_counter()
     v = check("SELECT 1 FROM dual WHERE 1 = 1" + " OR 1 = 1" * 500_000, policy)
     assert v["codes"] == ["contract"] and "too long" in v["reasons"][0]
@@ -611,20 +614,28 @@ def test_pure_python_switch_gives_identical_verdicts(catalog_file):
 
 # ------------------------------------------------------------------------------------------------- ask (retry)
 class _FakeVLLM(BaseHTTPRequestHandler):
-    """OpenAI-compatible chat endpoint replaying scripted answers and recording the requests (not the SUT)."""
+    """OpenAI-compatible chat endpoint replaying scripted answers after `delay_s` and recording the requests (not
+    the SUT)."""
     answers: list = []
     requests: list = []
+    delay_s = 0.0
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
-        content, finish = type(self).answers.pop(0)
-        payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "finish_reason": finish,
-                                "message": {"role": "assistant", "content": content}}],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        time.sleep(type(self).delay_s)
+        answer = type(self).answers.pop(0)
+        if isinstance(answer[0], int):   # (HTTP status, message): vLLM's error body
+            status, payload = answer[0], {"error": {"message": answer[1], "type": "BadRequestError", "param": None,
+                                                    "code": answer[0]}}
+        else:
+            content, finish = answer
+            status, payload = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                    "choices": [{"index": 0, "finish_reason": finish,
+                                                 "message": {"role": "assistant", "content": content}}],
+                                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         data = json.dumps(payload).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -636,7 +647,7 @@ class _FakeVLLM(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    _FakeVLLM.answers, _FakeVLLM.requests = [], []
+    _FakeVLLM.answers, _FakeVLLM.requests, _FakeVLLM.delay_s = [], [], 0.0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLLM)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1", _FakeVLLM
@@ -652,7 +663,7 @@ def test_ask_retries_once_with_reasons(fake_server, policy):
     url, srv = fake_server
     bad = "SELECT ai.invoice_total FROM ap_invoices_all ai"
     good = "SELECT ai.invoice_num FROM ap_invoices_all ai WHERE ai.org_id IN (:org_ids)"
-    srv.answers = [(bad, "stop"), (good, "stop")]
+    srv.answers, srv.delay_s = [(bad, "stop"), (good, "stop")], 0.25
     out = g.ask(url, "ebs", "List invoice numbers", CONTEXT, CATALOG, policy)
     assert out["ok"] and out["retried"] and out["sql"] == good and len(out["attempts"]) == 2
     first, second = out["attempts"]
@@ -666,7 +677,10 @@ def test_ask_retries_once_with_reasons(fake_server, policy):
     assert all(r["temperature"] == 0 and r["max_tokens"] == 512 for r in srv.requests)
     prompt = srv.requests[1]["messages"][0]["content"]
     assert bad in prompt and "- unknown column AP_INVOICES_ALL.INVOICE_TOTAL (alias AI)" in prompt
-    assert all(a["latency_ms"] >= 0 for a in out["attempts"])
+    # each attempt's latency is the model call's, in ms: at least the endpoint's 250 ms delay, not seconds, not the
+    # whole round trip (a loopback call on a busy 2-core box adds well under 3 s); the total is their sum
+    assert all(250 <= a["latency_ms"] < 250 + 3000 for a in out["attempts"]), [a["latency_ms"] for a in out["attempts"]]
+    assert out["latency_ms"] == round(first["latency_ms"] + second["latency_ms"], 1)
 
 
 @pytest.mark.parametrize("answers,ok,retried,n", [
@@ -697,6 +711,24 @@ def test_ask_cli_round_trip(fake_server, tmp_path, catalog_file):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["retried"] and out["ok"] and "attempt 1: rejected" in r.stderr and "attempt 2: ok" in r.stderr
+
+
+def test_ask_endpoint_400_is_one_line_error_without_retry(fake_server, tmp_path, catalog_file):
+    """vLLM answers 400 when a prompt exceeds max-model-len: `ask` stops with one line naming the status and vLLM's
+    message (exit 2, nothing on stdout), and does not send the retry (there is no answer to give reasons about)."""
+    url, srv = fake_server
+    too_long = "This model's maximum context length is 2048 tokens. However, you requested 2600 tokens."
+    srv.answers = [(400, too_long)]
+    ctx = tmp_path / "ctx.json"
+    ctx.write_text(json.dumps(CONTEXT))
+    r = run_cli("ask", "--base-url", url, "--model", "ebs", "--question", "q", "--context", str(ctx),
+                "--catalog", str(catalog_file))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model endpoint call failed: BadRequestError: Error code: "
+                                                   "400"), r.stderr
+    assert too_long in lines[0]
+    assert len(srv.requests) == 1
 
 
 def test_ask_unreachable_endpoint_is_one_line_error(tmp_path, catalog_file):
