@@ -726,12 +726,14 @@ def test_vllm_parses_gpu_yaml(vllm_parsed):
                        kv_cache_memory_bytes=None, enforce_eager=False, max_num_batched_tokens=2048)
 
 
+@pytest.mark.slow
 def test_vllm_parses_cpu_yaml(vllm_parsed):
     got = vllm_parsed[str(YAML_CPU)]
     assert got == dict(COMMON, max_model_len=8192, engine_max_model_len=8192, gpu_memory_utilization=0.92,
                        kv_cache_memory_bytes=GiB, enforce_eager=True, max_num_batched_tokens=2048)
 
 
+@pytest.mark.slow
 def test_vllm_reads_api_key_from_environment(vllm_parsed):
     """No api-key in the YAMLs; vLLM picks VLLM_API_KEY up itself (vllm.envs) and uses it when --api-key is unset."""
     assert vllm_parsed["VLLM_API_KEY"] == "from-env-123"

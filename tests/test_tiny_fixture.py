@@ -68,6 +68,7 @@ def test_synthetic_sql_passes_the_guardrail():
         assert v["ok"], (sql, v["reasons"])
 
 
+@pytest.mark.slow  # builds two (small) models: tokenizer training + pre-training steps, ~25 s
 def test_reuse_skips_a_build_from_the_same_inputs_and_rebuilds_on_a_change(tmp_path):
     """`make tiny` passes --reuse: a prerequisite touched without changing the corpus costs seconds; any input
     change (here the seed) builds again. Small settings: the decision is under test, not the model."""
