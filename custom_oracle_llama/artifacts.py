@@ -51,6 +51,25 @@ def read_json(path, missing_ok: bool = False):
         raise StageError(f"cannot read {path}: {e}")
 
 
+def read_yaml_mapping(path, what: str, keys) -> dict:
+    """A settings YAML (policy, service config) -> its mapping; StageError naming `what` for an unreadable file,
+    invalid YAML, a non-mapping or a key outside `keys` (a typo must not silently drop a limit)."""
+    import yaml
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise StageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise StageError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise StageError(f"{what} {path} must be a mapping")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise StageError(f"{what} {path}: unknown keys {unknown}")
+    return raw
+
+
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import sqlglot  # noqa: E402
-import yaml  # noqa: E402
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
@@ -59,7 +58,7 @@ from sqlglot import exp  # noqa: E402
 from sqlglot.errors import ParseError, TokenError  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from artifacts import StageError  # noqa: E402
+from artifacts import StageError, read_yaml_mapping  # noqa: E402
 from dataset_records import Context, RawRecord  # noqa: E402  (the dataset builder's raw-record schema)
 from service_keys import read_keys, sha256_hex  # noqa: E402  (the keys file format lives with its tool)
 from sql_guardrail import ask, check_sql, load_catalog, load_policy  # noqa: E402
@@ -100,17 +99,7 @@ ORG_FILTER = {"column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}
 def load_config(path, overrides=None) -> dict:
     """YAML -> settings; relative paths are relative to the config file. StageError on anything wrong."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise StageError(f"cannot read config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise StageError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise StageError(f"config {path} must be a mapping")
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise StageError(f"config {path}: unknown keys {unknown}")
+    raw = read_yaml_mapping(path, "config", DEFAULTS)
     cfg = {**DEFAULTS, **raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     for k in PATH_KEYS:
         if cfg[k] is not None and k in raw and not (overrides or {}).get(k):

@@ -1,9 +1,7 @@
 """Load and validate guardrail_policy.yaml. Unknown keys and wrong types are errors: a typo must not disable a rule."""
 from pathlib import Path
 
-import yaml
-
-from artifacts import StageError
+from artifacts import StageError, read_yaml_mapping
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "guardrail_policy.yaml"
 
@@ -28,17 +26,7 @@ def load_policy(path=None) -> dict:
     """Policy YAML -> dict: name lists upper-cased, `_sets` for fast membership, `allowed_package_functions` as
     {NAME or GLOB: reason}, `required_filters` as [{tables: [globs], column, predicate}]."""
     path = Path(path) if path else POLICY_PATH
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise StageError(f"cannot read policy {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise StageError(f"policy {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise StageError(f"policy {path} must be a mapping")
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise StageError(f"policy {path}: unknown keys {unknown}")
+    raw = read_yaml_mapping(path, "policy", DEFAULTS)
     policy = {**DEFAULTS, **raw}
     for key, default in DEFAULTS.items():
         if isinstance(default, list) and key != "required_filters":
