@@ -1,6 +1,7 @@
 """LoRA SFT: masking/BOS parity with the real tokenizer, bad input, and the real 2-rank DeepSpeed ZeRO-3 run."""
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -113,11 +114,19 @@ def test_missing_data_one_line(tmp_path, tiny_model_dir):
 
 # ---- the real 2-process DeepSpeed ZeRO-3 run (session fixture in conftest: `make train`) ----------------------
 @pytest.mark.slow
-def test_zero3_run_learned_and_partitioned(trained_adapter):
+def test_zero3_run_learned_and_partitioned(trained_adapter, tiny_model_dir):
+    from safetensors import safe_open
     manifest = json.loads((trained_adapter / "training_manifest.json").read_text())
     assert manifest["world_size"] == 2
     part = manifest["zero3_partition_rank0"]
-    assert part["partitioned_params"] > 0, "ZeRO-3 did not partition the base weights"
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        base = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    # ZeRO-3 builds the base already partitioned over the 2 ranks (zero3_init_flag): every base tensor, all of its
+    # elements; what rank 0 holds whole is only the LoRA tensors PEFT adds afterwards (measured: 39 of 95 tensors,
+    # 3,821,824 of 4,346,112 elements)
+    assert part["params"] == len(base) + manifest["adapter"]["lora_tensors"]
+    assert part["partitioned_params"] == len(base), "ZeRO-3 did not partition every base weight"
+    assert part["total_numel"] - part["numel_on_this_rank_outside_zero"] == sum(math.prod(s) for s in base.values())
     assert manifest["final_loss"] < 0.5 * manifest["first_loss"], manifest
     assert manifest["adapter"]["lora_tensors"] == 4 * 7 * 2     # 4 layers x 7 projections x (A, B)
     assert (trained_adapter / "loss_curve.png").stat().st_size > 1000
@@ -216,20 +225,24 @@ def test_same_seed_same_adapter_bit_for_bit(tmp_path, demo_dataset):
 
 
 def test_qlora_nf4_run_on_cpu(tmp_path, tiny_model_dir):
-    """QLoRA path for real: bitsandbytes NF4 base (its CPU fallback), LoRA, the same checks and manifest."""
+    """QLoRA path for real: bitsandbytes NF4 base (its CPU fallback), LoRA, the same checks and manifest. Eight
+    rephrasings of one question share one answer, so 10 steps (5 epochs) must learn it: the last logged batch loss
+    falls below a quarter of the first (measured when written: 3.64 -> 0.28). A run whose LoRA does not train (no
+    gradient through the 4-bit base, frozen adapters, learning rate ignored) stays near its first loss."""
     data = tmp_path / "sft.json"
     data.write_text(json.dumps([{"id": str(i), "conversations": chat_messages(f"Invoices above {i}00?", CONTEXT,
                                                                               answer_sql=SQL)} for i in range(8)]))
     r = subprocess.run([sys.executable, str(PKG / "sft_oracle_llama70b_qlora.py"), "--model_name_or_path",
                         str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "q"),
-                        "--model_max_length", "2048", "--max_steps", "4", "--per_device_train_batch_size", "2",
-                        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--learning_rate", "3e-3"],
+                        "--model_max_length", "2048", "--max_steps", "10", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--learning_rate", "5e-3"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "q" / "training_manifest.json").read_text())
     assert manifest["zero3_partition_rank0"]["base_linear_class"] == "Linear4bit"
     assert manifest["model_args"]["q_lora"] is True and manifest["adapter"]["lora_tensors"] == 56
-    assert manifest["final_loss"] < manifest["first_loss"]
+    assert manifest["global_step"] == 10
+    assert manifest["final_loss"] < 0.25 * manifest["first_loss"], (manifest["first_loss"], manifest["final_loss"])
 
 
 def test_lora_entrypoint_refuses_q_lora(tmp_path, tiny_model_dir):
