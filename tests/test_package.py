@@ -224,6 +224,27 @@ def test_existing_output_refused_without_force(tiny_model_dir, adapter, sft_data
     assert not (tmp_path / "quant").exists()
 
 
+def test_force_replaces_an_existing_output(tiny_model_dir, adapter, sft_data, tmp_path):
+    """--force replaces the whole earlier package: its files are gone (not merged into), the new manifest describes
+    this run's inputs, lists exactly the files now present, and verifies. No temp dir is left beside it."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier package")
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    (out / pkg.MANIFEST).write_text(json.dumps({"kind": "oracle_merged_model", "files": {"keep.txt": "0" * 64}}))
+    r = run_cli("--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", out,
+                "--quant_method", "none", "--calib_data", sft_data, "--force")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "keep.txt").exists()
+    m = json.loads((out / pkg.MANIFEST).read_text())
+    assert m["adapter"]["adapter_model_sha256"] == sha256_file(adapter / "adapter_model.safetensors")
+    assert set(m["files"]) == {p.name for p in out.iterdir()} - {pkg.MANIFEST}
+    assert (out / "model.safetensors").stat().st_size > 1_000_000   # the merged weights, not b"earlier weights"
+    assert "--force" in m["command"]
+    assert run_cli("verify", out).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 @pytest.mark.parametrize("flag, where", [("--merged_out", "inside"), ("--quant_out", "same")])
 def test_output_overlapping_an_input_refused(tiny_model_dir, adapter, sft_data, tmp_path, flag, where):
     base = tmp_path / "base"
@@ -337,8 +358,8 @@ def test_merged_manifest_records_inputs_and_check(merged_none, tiny_model_dir, a
     assert m["versions"]["peft"] != "not installed" and m["started_utc"] <= m["finished_utc"]
 
 
-def flip_middle_byte(d: Path) -> None:
-    with (d / "model.safetensors").open("r+b") as f:
+def flip_middle_byte(d: Path, name: str = "model.safetensors") -> None:
+    with (d / name).open("r+b") as f:
         f.seek(f.seek(0, 2) // 2)
         b = f.read(1)
         f.seek(-1, 1)
@@ -402,7 +423,12 @@ def test_gptq_end_to_end_reloads_and_generates(tiny_model_dir, adapter, sft_data
     assert "GPTQModifier" in q["recipe_yaml"] and q["scheme"] == "W4A16 symmetric int4, group 64"
     assert q["recipe_file"] == str(recipe) and q["recipe_file_sha256"] == sha256_file(recipe)
     assert q["calibration"]["used"] == 16 and q["calibration"]["tokens"]["max"] <= 2048
-    assert m["quality"]["prompts"] == 4 and 0 <= m["quality"]["top1_agreement"] <= 1
+    # the packager's promise with its default bars (top-1 >= 0.90, mean relative logit error <= 0.1), met by GPTQ
+    # on this adapter (measured 0.969 and 0.058)
+    ql = m["quality"]
+    assert ql["thresholds"] == {"min_top1_agreement": 0.90, "max_rel_logit_error": 0.1} and ql["prompts"] == 4
+    assert ql["ok"] and ql["warnings"] == [] and m["warnings"] == [], ql
+    assert ql["top1_agreement"] >= 0.90 and ql["rel_logit_error_mean"] <= 0.1, ql
     assert m["merged"]["files_tree_sha256"] == json.loads((tmp_path / "merged" / pkg.MANIFEST).read_text())[
         "files_tree_sha256"]
     assert run_cli("verify", quant).returncode == 0
@@ -432,10 +458,49 @@ def test_packaged_demo_model_manifest_and_reload(packaged_model, demo_dataset, t
     assert q["recipe_file_sha256"] == sha256_file(PKG / "config" / "quant_awq_w4a16.yaml")
     assert q["recipe"] == yaml.safe_load((PKG / "config" / "quant_awq_w4a16.yaml").read_text())
     assert q["cpu_workarounds"], "the pin_memory workaround is applied (and recorded) on a CPU-only host"
+    # calibration: exactly what `make package` asked for (CALIB_SAMPLES conversations <= CALIB_MAX_LEN tokens), or
+    # every training conversation that fits when fewer do; the longer ones are skipped, counted, never cut
+    asked = {k: int(re.search(rf"^{k} \?= (\d+)$", (ROOT / "Makefile").read_text(), re.M)[1])
+             for k in ("CALIB_SAMPLES", "CALIB_MAX_LEN")}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train = json.loads(demo_dataset["train"].read_text())
+    fitting = sum(len(pkg.chat_ids(tok, r["conversations"])) <= asked["CALIB_MAX_LEN"] for r in train)
     cal = q["calibration"]
-    assert cal["max_seq_len"] == 1024 and cal["tokens"]["max"] <= 1024 and 0 < cal["used"] <= 64
-    assert m["quality"]["prompts"] > 0 and m["quality"]["top1_agreement"] > 0.5
+    assert (cal["requested"], cal["max_seq_len"]) == (asked["CALIB_SAMPLES"], asked["CALIB_MAX_LEN"]) == (64, 1024)
+    assert cal["used"] == min(cal["requested"], fitting) and cal["tokens"]["max"] <= cal["max_seq_len"]
+    assert cal["skipped_too_long"] <= len(train) - fitting
+    # quality, quantized vs merged on the 8 held-out prompts, against the packager's own bars (its defaults: `make
+    # package` passes none): top-1 agreement >= 0.90 is met (measured 0.905). Mean relative logit error <= 0.1 is
+    # not met by AWQ on this tiny model: measured 0.127 (0.114 with --group_size 64), while --quant_method gptq on
+    # the same adapter gives 0.070 (measured by hand); so this package is recorded with ok: false and that one
+    # warning. Asserted: the top-1 bar, the logit error no worse than measured + ~20%, and ok/warnings exactly as
+    # the figures and the bars say.
+    ql, th = m["quality"], m["quality"]["thresholds"]
+    bar = pkg.parse_args(["--base_model", "b", "--lora_adapter", "a", "--merged_out", "m", "--quant_out", "q"])
+    assert th == {"max_rel_logit_error": bar.max_rel_logit_error, "min_top1_agreement": bar.min_top1_agreement}
+    assert (th["min_top1_agreement"], th["max_rel_logit_error"]) == (0.90, 0.1) and ql["prompts"] == 8
+    assert ql["top1_agreement"] >= th["min_top1_agreement"], ql
+    assert ql["rel_logit_error_mean"] <= 0.15, ql
+    missed = {"relative logit error": ql["rel_logit_error_mean"] > th["max_rel_logit_error"],
+              "top-1 agreement": ql["top1_agreement"] < th["min_top1_agreement"]}
+    assert ql["ok"] is not any(missed.values()), ql
+    assert len(ql["warnings"]) == sum(missed.values()), ql["warnings"]
+    assert all(any(what in w for w in ql["warnings"]) for what, failed in missed.items() if failed), ql["warnings"]
+    assert set(ql["warnings"]) <= set(m["warnings"])
     assert not [w for w in m["warnings"] if "differs" in w or "changed" in w], m["warnings"]
     holdout = json.loads(demo_dataset["holdout"].read_text())[0]
     text = greedy(quant, chat_messages(holdout["question"], holdout["context"]), n=48)
     assert text.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_verify_names_a_flipped_byte_in_the_quantized_folder(packaged_model, tmp_path, name):
+    """The 4-bit folder vLLM serves (packed int4 weights; config.json holds the quantization scheme vLLM reads)."""
+    copy = tmp_path / "quant"
+    shutil.copytree(packaged_model["quant"], copy)
+    r = run_cli("verify", copy)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    flip_middle_byte(copy, name)
+    r = run_cli("verify", copy)
+    assert re.match(rf"error: verify failed: {re.escape(name)} differs \(sha256 ", one_error_line(r)), r.stderr
