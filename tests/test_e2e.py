@@ -1,8 +1,14 @@
 """The chain end to end on the real engines: guarded retry against the live server, then `make demo` on the
-session's trained + packaged tiny model (4-bit via vLLM must reproduce >= 8/10 training SQL)."""
+session's trained + packaged tiny model (4-bit via vLLM must reproduce >= 8/10 training SQL, else exit 1), which
+leaves no vLLM server behind."""
+import contextlib
 import json
+import re
+import socket
 import subprocess
+from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import ROOT
@@ -31,14 +37,21 @@ def test_ask_retries_once_with_precise_reasons_against_live_server(vllm_tiny):
     assert all(a["latency_ms"] > 0 for a in res["attempts"])
 
 
+@pytest.fixture(scope="module")
+def demo(demo_runs, packaged_model) -> dict:
+    """`make demo` once, with the Makefile's MIN_LEARNED, on this session's trained + packaged model."""
+    r = subprocess.run(["make", "-s", "demo", f"RUNS={demo_runs}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1800)
+    return {"run": r, "summary_path": demo_runs / "demo" / "demo_summary.json"}
+
+
 @pytest.mark.slow
-def test_make_demo_serves_asks_and_reports(demo_runs, packaged_model):
+def test_make_demo_serves_asks_and_reports(demo, demo_runs):
     """`make demo`'s serving half on this session's trained + packaged model, with its learned-model gate: the
     4-bit model served by vLLM reproduces >= 8/10 training SQL (else `make demo` exits 1)."""
-    r = subprocess.run(["make", "-s", "demo", f"RUNS={demo_runs}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=1800)
+    r = demo["run"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    summary = json.loads((demo_runs / "demo" / "demo_summary.json").read_text())
+    summary = json.loads(demo["summary_path"].read_text())
     print(f"learned: 4-bit {summary['learned_quant']}/10, merged {summary['learned_merged']}/10")
     assert summary["learned_quant"] >= 8 and "Q: " in r.stdout
     for name in ("holdout", "train10-quant", "train10-merged"):
@@ -46,3 +59,53 @@ def test_make_demo_serves_asks_and_reports(demo_runs, packaged_model):
         assert (d / "report.json").exists() and (d / "report.md").exists()
         assert (d / "failure_categories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "learned: gold SQL reproduced, 4-bit via vLLM" in r.stdout
+
+
+def vllm_leftovers(demo_runs: Path) -> dict:
+    """What is still alive of the demo's two vLLM servers (4-bit, then merged bf16): processes whose command line
+    names the run's model folders, processes whose PID the servers logged (API server, engine core: vLLM prefixes
+    its log lines with `(Name pid=N)`), and ports they listened on that still accept a connection."""
+    logs = [demo_runs / "demo" / f"vllm-{kind}.log" for kind in ("quant", "merged")]
+    assert all(p.is_file() for p in logs), logs
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    ports = {int(p) for p in re.findall(r"--port (\d+)", text)}
+    pids = {int(p) for p in re.findall(r"\bpid=(\d+)", text)}
+    assert len(ports) == 2 and pids, "each server's launcher line names its port; vLLM logs its PIDs"
+    ended = max(p.stat().st_mtime for p in logs)  # the servers wrote their logs until they stopped
+    folders = (str(demo_runs / "quant"), str(demo_runs / "merged"))
+    by_cmdline = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+                  if any(f in " ".join(p.info["cmdline"] or []) for f in folders)]
+    by_pid = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            if proc.create_time() <= ended:    # not a new process that happens to reuse the number
+                by_pid.append({"pid": pid, "cmdline": proc.cmdline()})
+    listening = []
+    for port in ports:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            listening.append(port)
+    return {"by_cmdline": by_cmdline, "by_pid": by_pid, "listening": listening}
+
+
+@pytest.mark.slow
+def test_make_demo_leaves_no_vllm_server_running(demo, demo_runs):
+    assert demo["run"].returncode == 0, demo["run"].stderr[-3000:]
+    assert vllm_leftovers(demo_runs) == {"by_cmdline": [], "by_pid": [], "listening": []}
+
+
+@pytest.mark.slow
+def test_make_demo_exits_1_below_min_learned(demo, demo_runs):
+    """The learned-model gate for real: the same demo with MIN_LEARNED one question above what the first run
+    reproduced fails with run_demo.py's exit 1 (make reports `Error 1`; 2 would be a stage error) and its line."""
+    first = json.loads(demo["summary_path"].read_text())
+    n, learned = first["n_train"], first["learned_quant"]
+    r = subprocess.run(["make", "-s", "demo", f"RUNS={demo_runs}", f"MIN_LEARNED={(learned + 1) / n}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1800)
+    again = json.loads(demo["summary_path"].read_text())
+    assert again["learned_quant"] == learned, "temperature 0 on the same package: the same figure"
+    assert r.returncode == 2 and re.search(r"^make: \*\*\* \[Makefile:\d+: demo\] Error 1$", r.stderr, re.M), \
+        r.stderr[-3000:]
+    assert f"error: the 4-bit model reproduced only {learned}/{n} training SQL" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert vllm_leftovers(demo_runs) == {"by_cmdline": [], "by_pid": [], "listening": []}
