@@ -171,7 +171,7 @@ service: $(VENV)/.installed $(if $(BACKENDS),,$(SERVE_VENV)/.installed)
 	  $(if $(BACKENDS),$(foreach b,$(BACKENDS),--backend $(b)),--start_vllm $(SERVE_MODEL) --vllm_config $(VLLM_CONFIG))
 
 # ---- stage 5: eval gate against a running server (make serve in another shell) -----------------------------------
-EVAL_ARGS ?= --max_unsafe_rate 0 --max_security_violation_rate 0
+EVAL_ARGS ?= --max_unsafe_rate 0 --max_security_violation_rate 0 --max_endpoint_error_rate 0
 eval:
 	$(PY) $(PKG)/eval_oracle_nl2sql.py --eval_data $(HOLDOUT) --base_url http://127.0.0.1:$(PORT) \
 	  --model oracle-ebs-sql --catalog $(CATALOG) --schema $(PKG)/demo/ebs_schema.json --concurrency 4 \

@@ -318,6 +318,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(report, out)
+    if report["totals"]["endpoint_error_rate"]["final"] == 1:  # nothing was measured: not a pass of any gate
+        first = report["examples"][0]["attempts"][-1]["reasons"][0]
+        print(f"error: the endpoint failed on every example ({first}); reports in {out}", file=sys.stderr)
+        return 2
     failed = [g for g in report["gates"] if not g["passed"]]
     for g in failed:
         print(f"threshold failed: {g['flag']} {g['limit']} (measured {g['value']})", file=sys.stderr)

@@ -21,7 +21,8 @@ CATEGORIES = (*GUARD_CATEGORIES, "endpoint_error")
 CATEGORY_LABELS = {**GUARD_LABELS, "endpoint_error": "endpoint error"}
 # --max_<name>_rate flag -> the category it gates (always the FINAL-answer rate).
 MAX_GATES = {"parse_error": "parse_error", "hallucination": "hallucination", "unsafe": "unsafe",
-             "security_violation": "security_filter", "explain_error": "explain_error"}
+             "security_violation": "security_filter", "explain_error": "explain_error",
+             "endpoint_error": "endpoint_error"}
 # --min_<name> flag -> the totals entry it gates.
 MIN_GATES = {"exact_match": lambda t: t["exact_match"]["final"], "execution_match": lambda t: t["execution"]["rate"]}
 

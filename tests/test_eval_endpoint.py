@@ -137,3 +137,16 @@ def test_eval_records_a_400_as_an_endpoint_error_and_goes_on(fake_vllm, tmp_path
     assert all(rows[x["id"]]["exact_match_final"] for x in recs if x is not recs[1])
     t = report["totals"]
     assert t["endpoint_error_rate"] == {"first": 0.25, "final": 0.25} and t["exact_match"]["final"] == 0.75
+    gated = run_eval(url, tmp_path / "eval.json", tmp_path / "gated", "--max_endpoint_error_rate", 0)
+    assert gated.returncode == 1 and "threshold failed: --max_endpoint_error_rate 0.0 (measured 0.25)" in gated.stderr
+
+
+def test_eval_with_every_request_failing_exits_2_even_without_a_gate(fake_vllm, tmp_path):
+    """A run that measured nothing is not a pass: every prompt refused -> exit 2 naming the endpoint's error."""
+    url, srv = fake_vllm
+    recs = eval_data(tmp_path / "eval.json", 3)
+    srv.gold, srv.refuse = {r["question"]: r["sql"] for r in recs}, {r["question"] for r in recs}
+    r = run_eval(url, tmp_path / "eval.json", tmp_path / "out", "--max_unsafe_rate", 0)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: the endpoint failed on every example (model endpoint call failed: BadRequestError" in r.stderr
+    assert (tmp_path / "out" / "report.json").is_file()
