@@ -7,6 +7,7 @@ Fixtures `vllm_tiny` / `vllm_quant` share one slot: at most one server runs at a
 server is reused until a test asks for the other model, so tests grouped by model start each server once.
 """
 import contextlib
+import json
 import secrets
 from pathlib import Path
 
@@ -117,3 +118,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("vLLM serving figures")
         for k, v in REPORT.items():
             terminalreporter.write_line(f"{k}: {v}")
+
+
+def send_json(handler, status: int, payload) -> None:
+    """One JSON response from a test's fake OpenAI endpoint (http.server handler): what vLLM's API server sends."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

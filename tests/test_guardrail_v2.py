@@ -18,6 +18,7 @@ import sql_guardrail as g
 from artifacts import StageError
 from guardrail.codes import CODES
 from test_sql_guardrail import CATALOG, fake_server  # noqa: F401 (fixture)
+from serving import send_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "custom_oracle_llama" / "inference" / "sql_guardrail.py"
@@ -417,13 +418,8 @@ def test_ask_candidates_answers_with_the_majority_result(tmp_path):
             choices = [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": t},
                         "logprobs": {"content": [{"token": "x", "logprob": lp, "bytes": None, "top_logprobs": []}]}}
                        for i, (t, lp) in enumerate(texts[:body.get("n", 1)])]
-            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                  "choices": choices})
 
         def log_message(self, *a):
             pass

@@ -22,7 +22,7 @@ import yaml
 from artifacts import StageError
 from dataset_records import RawRecord
 from serve import free_port, log_tail, stop_tree
-from serving import CPU_YAML, ROOT, served_name
+from serving import CPU_YAML, ROOT, send_json, served_name
 from sql_guardrail import check_sql, load_catalog, load_policy
 import sql_service
 from sql_service import Backends, Overloaded, merge_filters, read_audit, required_filters, scoped_context
@@ -231,15 +231,10 @@ class _SlowBackend(BaseHTTPRequestHandler):
         with cls.lock:
             cls.now -= 1
             cls.served += 1
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": INVOICES["sql"]}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": INVOICES["sql"]}}],
+                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
     def log_message(self, *a):
         pass
