@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PKG, ROOT
 from prompting import chat_messages
+from serving import send_json
 
 SCRIPT = PKG / "eval_oracle_nl2sql.py"
 CATALOG = PKG / "demo" / "ebs_catalog.json"
@@ -35,12 +36,7 @@ class _FakeVLLM(BaseHTTPRequestHandler):
     asked: list = []
 
     def reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, payload)
 
     def do_GET(self):
         self.reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import send_json
 import sql_guardrail as g
 from artifacts import StageError
 from prompting import chat_messages
@@ -634,12 +635,7 @@ class _FakeVLLM(BaseHTTPRequestHandler):
                                     "choices": [{"index": 0, "finish_reason": finish,
                                                  "message": {"role": "assistant", "content": content}}],
                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, payload)
 
     def log_message(self, *a):
         pass
