@@ -7,9 +7,11 @@
 written by install_into_xiyan.py and records where the site's environments live (NL2SQL_VENV, NL2SQL_SERVE_VENV).
 The Makefile includes the same files, so `make <stage>` and a script run by hand see the same settings.
 
-apply() also silences the third-party deprecation warnings listed in QUIET_WARNINGS (repeated every training step,
-nothing a user can act on); our own warnings, errors and progress bars are untouched.
+apply() also silences the third-party noise listed in QUIET_WARNINGS (deprecation warnings repeated every training
+step) and QUIET_LOGS (log lines printed at import): nothing a user can act on. Our own warnings, errors and progress
+bars are untouched.
 """
+import logging
 import os
 import re
 import warnings
@@ -26,6 +28,21 @@ QUIET_WARNINGS = [
      "DeepSpeed ZeRO-3 calls torch.distributed's old collective names every step (reduce_scatter_tensor, "
      "all_gather_into_tensor): ~90 lines per 4 steps in `make train`"),
 ]
+# (logger, message regex, where it comes from): third-party log records dropped in every stage process.
+QUIET_LOGS = [
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes, imported by peft, on a CPU with AVX512-BF16 asks for the optional `kernels` package (a hub "
+     "download we never want): one warning line before any output of every training/packaging stage"),
+]
+
+
+class DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record) -> bool:
+        return not re.search(self.pattern, record.getMessage())
 
 
 def read_env_file(path, root=ROOT) -> list[tuple[str, str, str]]:
@@ -47,6 +64,10 @@ def apply(environ=None, files=ENV_FILES, root=ROOT) -> dict:
     environ = os.environ if environ is None else environ
     for category, message, _ in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, message, _ in QUIET_LOGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMatching) and f.pattern == message for f in logger.filters):  # apply() twice
+            logger.addFilter(DropMatching(message))
     changed = {}
     for path in files:
         if not Path(path).is_file():

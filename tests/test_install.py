@@ -61,6 +61,7 @@ def test_install_refuses_non_xiyan_dir(tmp_path):
     assert r.returncode == 2 and "does not look like" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_lora_entrypoint_runs_from_inside_xiyan(tmp_path):
     """The copied scripts work from the XiYan root (imports, template, --help), not just from this repo."""
     fake_xiyan(tmp_path)
@@ -125,14 +126,20 @@ def test_stage_env_forces_offline_and_keeps_user_settings(tmp_path):
 
 
 def test_stage_env_silences_listed_third_party_warnings_only():
-    """DeepSpeed's every-step torch.distributed deprecation is dropped; any other warning still shows."""
-    code = ("import sys, warnings; sys.path.insert(0, sys.argv[1]); import stage_env; stage_env.apply({}); "
+    """DeepSpeed's every-step torch.distributed deprecation and bitsandbytes' `kernels` line are dropped (apply() twice
+    is harmless); any other warning or log record, from the same logger too, still shows."""
+    code = ("import logging, sys, warnings; sys.path.insert(0, sys.argv[1]); import stage_env; stage_env.apply({}); "
+            "stage_env.apply({}); "
             "warnings.warn('`torch.distributed.reduce_scatter_tensor` is deprecated. Use x', FutureWarning); "
-            "warnings.warn('our own deprecation', FutureWarning); warnings.warn('a user warning')")
+            "warnings.warn('our own deprecation', FutureWarning); warnings.warn('a user warning'); "
+            "bnb = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
+            "bnb.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please', 'No module'); "
+            "bnb.warning('another bitsandbytes warning'); print(len(bnb.filters))")
     r = subprocess.run([sys.executable, "-c", code, str(PKG)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "torch.distributed" not in r.stderr
+    assert "torch.distributed" not in r.stderr and "kernels-community" not in r.stderr
     assert "FutureWarning: our own deprecation" in r.stderr and "UserWarning: a user warning" in r.stderr
+    assert "another bitsandbytes warning" in r.stderr and r.stdout == "1\n"
 
 
 def test_install_records_the_environments_and_serve_finds_vllm_from_the_xiyan_root(tmp_path):
@@ -169,6 +176,7 @@ def test_install_records_the_environments_and_serve_finds_vllm_from_the_xiyan_ro
     assert not (PKG / "config" / "site.env").exists(), "the record lives in the XiYan copy only"
 
 
+@pytest.mark.slow
 def test_missing_deepspeed_config_is_one_line(tmp_path):
     """What `accelerate launch` hands the script when run from the wrong folder: one error line, no traceback."""
     r = subprocess.run([sys.executable, str(PKG / "sft_oracle_llama70b_lora.py"), "--model_name_or_path", "m",
