@@ -18,7 +18,11 @@ SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs a real engine for a minute or more (CI runs these too)")
+    # The one rule for `slow` (README, "Two commands"): a test is slow when it runs an engine (DeepSpeed, llm-compressor,
+    # vLLM, a `make` stage), starts a process that imports torch/transformers (a model or a tokenizer: ~3-6 s each on
+    # 2 cores), or waits out timed load. Everything else runs in `make test-fast`; CI (`make test`) runs both.
+    config.addinivalue_line("markers", "slow: runs an engine, starts a process that imports torch/transformers, or "
+                                       "waits out timed load (CI runs these too)")
 
 
 @pytest.fixture(scope="session")

@@ -164,6 +164,7 @@ def write_raw(path, lines):
     return path
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_counts_rejects_and_limits(tmp_path, tiny_model_dir):
     long_q = "Total invoice amount by supplier " + "please " * 600
     lines = [rec(), "{broken", rec(question="Invoices per supplier", sql="DROP TABLE AP_SUPPLIERS"),
@@ -191,6 +192,7 @@ def test_cli_end_to_end_counts_rejects_and_limits(tmp_path, tiny_model_dir):
     assert again.returncode == 2 and "output exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_answer_longer_than_output_cap_rejected(tmp_path, tiny_model_dir):
     raw = write_raw(tmp_path / "raw.jsonl", [rec()])
     r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "o.json"), "--dataset_id", "t",
@@ -201,7 +203,8 @@ def test_answer_longer_than_output_cap_rejected(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--input_raw", "missing.jsonl"], "input not found"),
-    (["--input_raw", "RAW", "--tokenizer", "/nonexistent/tok"], "cannot load tokenizer"),
+    pytest.param(["--input_raw", "RAW", "--tokenizer", "/nonexistent/tok"], "cannot load tokenizer",
+                 marks=pytest.mark.slow),  # the builder's process imports transformers to try
     (["--input_raw", "RAW", "--catalog", "/nonexistent/catalog.json"], "catalog"),
 ])
 def test_bad_paths_one_line_no_output(tmp_path, args, message):

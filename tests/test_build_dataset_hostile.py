@@ -260,6 +260,7 @@ def test_dedupe_counts_only_accepted_records(tmp_path):
                    {DEMO[0]["id"], DEMO[1]["id"]})
 
 
+@pytest.mark.slow
 def test_too_long_record_does_not_shadow_its_good_twin(tmp_path, tiny_model_dir):
     big_ctx = {**DEMO[0]["context"], "tables": DEMO[0]["context"]["tables"] + [
         {"name": f"XX_PAD_{i}", "description": "padding " * 40, "columns": [{"name": "C"}]} for i in range(20)]}
@@ -358,8 +359,9 @@ def data_hashes(out_dir) -> dict:
             for n in ("sft.json", "holdout.json", "sft.rejects.jsonl", "catalog.json")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-@pytest.mark.parametrize("n", [800, pytest.param(20_000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [800, 20_000])
 def test_kill_halfway_leaves_the_old_or_the_new_set(tmp_path, n, sig):
     out, ref = tmp_path / "out", tmp_path / "ref"
     out.mkdir(), ref.mkdir()

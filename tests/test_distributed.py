@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from conftest import PKG, run_make
-import sft_oracle_llama70b_lora as sft
 
 CONFIG = PKG / "config"
 ONE_NODE = CONFIG / "accelerate_zero3_8gpu.yaml"
@@ -44,6 +43,7 @@ def distributed_runs(demo_runs, demo_dataset) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name,world_size,num_machines", [("zero3_8gpu", 8, 1), ("zero3_2x8gpu", 4, 2)])
 def test_launch_file_trains_for_real(distributed_runs, tiny_model_dir, name, world_size, num_machines):
+    import sft_oracle_llama70b_lora as sft  # torch + transformers: imported by the slow test only
     out = distributed_runs[name]
     manifest = json.loads((out / "training_manifest.json").read_text())
     assert (manifest["world_size"], manifest["num_machines"]) == (world_size, num_machines)

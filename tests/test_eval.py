@@ -471,6 +471,7 @@ def ex_run(d, preds, out, *extra):
                    "--out_dir", out, *extra)
 
 
+@pytest.mark.slow
 def test_gold_as_predictions_matches_100_percent(ex_inputs, tmp_path):
     r = ex_run(ex_inputs, "gold.jsonl", tmp_path / "out", "--min_execution_match", "1")
     assert r.returncode == 0, r.stderr + r.stdout
@@ -479,6 +480,7 @@ def test_gold_as_predictions_matches_100_percent(ex_inputs, tmp_path):
     assert e["backend"].startswith("DuckDB mirror (embedded default, synthetic rows seed 0, today 2026-12-01")
 
 
+@pytest.mark.slow
 def test_execution_match_end_to_end_and_gate(ex_inputs, tmp_path):
     r = ex_run(ex_inputs, "pred.jsonl", tmp_path / "out", "--min_execution_match", "0.5")
     assert r.returncode == 1, r.stderr + r.stdout
@@ -496,6 +498,7 @@ def test_execution_match_end_to_end_and_gate(ex_inputs, tmp_path):
     assert "EX" in r.stdout and "33.3%" in r.stdout
 
 
+@pytest.mark.slow
 def test_candidates_offline_report_ex_at_1_and_selection(ex_inputs, tmp_path):
     gold = BY_ID["ebs-0001"]["sql"]
     lines = []
@@ -551,6 +554,7 @@ def test_live_tiny_model_all_outputs(vllm_tiny, tmp_path, monkeypatch):
     assert (out / "failure_categories.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_retrieve_evaluates_the_question_only_path(ex_inputs, tmp_path):
     r = ex_run(ex_inputs, "gold.jsonl", tmp_path / "out", "--retrieve")
     assert r.returncode == 0, r.stderr

@@ -91,6 +91,7 @@ def run_eval(base_url, data, out, *extra):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_eval_keeps_concurrency_requests_in_flight(fake_vllm, tmp_path, concurrency):
     """8 questions, each answered after 0.75 s: the endpoint holds exactly --concurrency requests at once (4 is
@@ -111,6 +112,7 @@ def test_eval_keeps_concurrency_requests_in_flight(fake_vllm, tmp_path, concurre
     assert t["wall_s"] >= 0.75 * 8 / concurrency
 
 
+@pytest.mark.slow
 def test_eval_records_a_400_as_an_endpoint_error_and_goes_on(fake_vllm, tmp_path):
     """One prompt refused with vLLM's 400 (over max-model-len): as documented, that example is recorded as an
     endpoint error with the status and vLLM's message, it is not retried, the other examples are evaluated, the
@@ -137,6 +139,7 @@ def test_eval_records_a_400_as_an_endpoint_error_and_goes_on(fake_vllm, tmp_path
     assert gated.returncode == 1 and "threshold failed: --max_endpoint_error_rate 0.0 (measured 0.25)" in gated.stderr
 
 
+@pytest.mark.slow
 def test_eval_with_every_request_failing_exits_2_even_without_a_gate(fake_vllm, tmp_path):
     """A run that measured nothing is not a pass: every prompt refused -> exit 2 naming the endpoint's error."""
     url, srv = fake_vllm

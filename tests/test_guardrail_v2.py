@@ -400,6 +400,7 @@ def test_ask_retrieves_the_context_when_none_is_given(fake_server, tmp_path):
     assert "AP_INVOICES_ALL" in prompt and "AP_SUPPLIERS" in prompt
 
 
+@pytest.mark.slow
 def test_ask_candidates_answers_with_the_majority_result(tmp_path):
     """--candidates 4: one request for 4 samples; the guardrail drops the unsafe one; of the three that run on the
     DuckDB mirror, the two that return the same rows (different SQL text) win over the higher-log-probability one."""

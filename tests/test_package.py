@@ -224,6 +224,7 @@ def test_existing_output_refused_without_force(tiny_model_dir, adapter, sft_data
     assert not (tmp_path / "quant").exists()
 
 
+@pytest.mark.slow
 def test_force_replaces_an_existing_output(tiny_model_dir, adapter, sft_data, tmp_path):
     """--force replaces the whole earlier package: its files are gone (not merged into), the new manifest describes
     this run's inputs, lists exactly the files now present, and verifies. No temp dir is left beside it."""
@@ -344,6 +345,7 @@ def test_calibration_skips_long_conversations_never_truncates(tiny_model_dir, sf
 
 
 # ---- --quant_method none: merge + check + manifest + verify ------------------------------------------------------
+@pytest.mark.slow
 def test_merged_manifest_records_inputs_and_check(merged_none, tiny_model_dir, adapter, sft_data):
     m = json.loads((merged_none / pkg.MANIFEST).read_text())
     assert m["kind"] == "oracle_merged_model"
@@ -366,6 +368,7 @@ def flip_middle_byte(d: Path, name: str = "model.safetensors") -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
+@pytest.mark.slow  # merged_none runs the packager's process
 @pytest.mark.parametrize("damage, named", [
     (flip_middle_byte, "model.safetensors differs"),
     (lambda d: (d / "tokenizer_config.json").unlink(), "tokenizer_config.json is missing"),

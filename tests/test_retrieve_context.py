@@ -200,6 +200,7 @@ def _run(*args, stdin=None):
     return subprocess.run([sys.executable, str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_question_batch_and_errors(tmp_path):
     one = _run("--schema", str(SCHEMA_PATH), "--question", "Unpaid invoices by supplier")
     assert one.returncode == 0, one.stderr

@@ -240,6 +240,7 @@ class _SlowBackend(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_a_burst_beyond_in_flight_plus_queue_gets_429_with_retry_after_and_the_rest_are_served(tmp_path):
     """2 in flight + a queue of 2 behind a backend taking 3 s per answer: of 8 simultaneous questions exactly 4
     are served and 4 get 429 (none 5xx), the backend never sees more than 2 at once, every request is audited."""

@@ -49,6 +49,7 @@ def test_model_is_a_small_llama_with_gqa(tiny_model_dir, tok):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
 
 
+@pytest.mark.slow
 def test_pretraining_corpus_never_holds_holdout_sql(tiny_model_dir, demo_dataset):
     info = json.loads((tiny_model_dir / "tiny_fixture.json").read_text())
     train = json.loads(demo_dataset["train"].read_text())

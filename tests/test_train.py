@@ -91,25 +91,38 @@ def run_entrypoint(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_dialect_router_refused(tmp_path, tiny_model_dir):
+REFUSALS = {  # extra flags -> the one error line's reason; each is refused before a model or a tokenizer loads
+    "dialect router": (["--enable_dialect_router", "True"], "enable_dialect_router"),
+    "q_lora on the bf16 entrypoint": (["--q_lora", "True"], "sft_oracle_llama70b_qlora.py"),
+    "non-empty output dir": ([], "is not empty"),
+    "missing data": (["--data_path", "{tmp}/nope.json"], "data not found"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_entrypoint_refuses_with_one_line(case, tmp_path, tiny_model_dir, capsys):
+    """In process through main(argv), the code path of `python sft_oracle_llama70b_lora.py` (the slow tier runs one
+    case as a real process below): exit 2, one `error:` line, and a user's file in the output dir untouched."""
+    extra, reason = REFUSALS[case]
+    out = tmp_path / "o"
+    if case == "non-empty output dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("user file")
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json", "--output_dir", str(out),
+            *[a.format(tmp=tmp_path) for a in extra]]
+    assert sft.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and reason in err and len(err.splitlines()) == 1, err
+    if case == "non-empty output dir":
+        assert (out / "keep.txt").read_text() == "user file" and sorted(out.iterdir()) == [out / "keep.txt"]
+
+
+@pytest.mark.slow
+def test_entrypoint_refusal_as_a_real_process(tmp_path, tiny_model_dir):
     r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
                        "--output_dir", str(tmp_path / "o"), "--enable_dialect_router", "True")
-    assert r.returncode == 2 and "enable_dialect_router" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_non_empty_output_dir_refused(tmp_path, tiny_model_dir):
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "keep.txt").write_text("user file")
-    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
-                       "--output_dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and "is not empty" in r.stderr and "Traceback" not in r.stderr
-    assert (tmp_path / "o" / "keep.txt").read_text() == "user file"
-
-
-def test_missing_data_one_line(tmp_path, tiny_model_dir):
-    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", str(tmp_path / "nope.json"),
-                       "--output_dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and "data not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "enable_dialect_router" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # ---- the real 2-process DeepSpeed ZeRO-3 run (session fixture in conftest: `make train`) ----------------------
@@ -224,6 +237,7 @@ def test_same_seed_same_adapter_bit_for_bit(tmp_path, demo_dataset):
     assert other != first
 
 
+@pytest.mark.slow
 def test_qlora_nf4_run_on_cpu(tmp_path, tiny_model_dir):
     """QLoRA path for real: bitsandbytes NF4 base (its CPU fallback), LoRA, the same checks and manifest. Eight
     rephrasings of one question share one answer, so 10 steps (5 epochs) must learn it: the last logged batch loss
@@ -243,9 +257,3 @@ def test_qlora_nf4_run_on_cpu(tmp_path, tiny_model_dir):
     assert manifest["model_args"]["q_lora"] is True and manifest["adapter"]["lora_tensors"] == 56
     assert manifest["global_step"] == 10
     assert manifest["final_loss"] < 0.25 * manifest["first_loss"], (manifest["first_loss"], manifest["final_loss"])
-
-
-def test_lora_entrypoint_refuses_q_lora(tmp_path, tiny_model_dir):
-    r = run_entrypoint("--model_name_or_path", str(tiny_model_dir), "--data_path", "x.json",
-                       "--output_dir", str(tmp_path / "o"), "--q_lora", "True")
-    assert r.returncode == 2 and "sft_oracle_llama70b_qlora.py" in r.stderr and "Traceback" not in r.stderr
