@@ -238,9 +238,8 @@ install-into-xiyan:
 test: venv venv-serve tiny
 	$(PY) -m pytest tests -ra
 
-# The inner loop while editing: everything not marked slow (the rule is in tests/conftest.py: no engine, no process
-# importing torch/transformers, no timed load),
-# one pytest worker per core (pytest-xdist; a file's tests stay on one worker so module fixtures start once).
+# The inner loop while editing: everything not marked slow (the rule is in tests/conftest.py: no process started, no
+# timed load), one pytest worker per core (pytest-xdist; a file's tests stay on one worker, module fixtures start once).
 test-fast: venv tiny
 	$(PY) -m pytest tests -m "not slow" -q -ra -n auto --dist loadfile
 

@@ -18,11 +18,21 @@ SERVE_PY = ROOT / ".venv-serve" / "bin" / "python"
 
 
 def pytest_configure(config):
-    # The one rule for `slow` (README, "Two commands"): a test is slow when it runs an engine (DeepSpeed, llm-compressor,
-    # vLLM, a `make` stage), starts a process that imports torch/transformers (a model or a tokenizer: ~3-6 s each on
-    # 2 cores), or waits out timed load. Everything else runs in `make test-fast`; CI (`make test`) runs both.
-    config.addinivalue_line("markers", "slow: runs an engine, starts a process that imports torch/transformers, or "
-                                       "waits out timed load (CI runs these too)")
+    # The one rule for `slow` (README, "Two commands"): a test is slow when it starts a process (a CLI, a server, an
+    # engine, a `make` stage: 0.1-6 s each on 2 cores) or waits out timed load. Everything else runs in
+    # `make test-fast`, in the pytest process; `fast_tests_start_no_process` below holds it to that. CI runs both.
+    config.addinivalue_line("markers", "slow: starts a process (CLI, server, engine, make) or waits out timed load "
+                                       "(make test runs these too)")
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_process(request, monkeypatch):
+    """The rule above, checked: a test not marked slow that starts a process fails and says so."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(self, args, *a, **k):
+            raise AssertionError(f"this test starts a process ({args!r:.120}): mark it @pytest.mark.slow "
+                                 f"(the rule in tests/conftest.py) or test the code in process")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")

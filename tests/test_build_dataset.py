@@ -201,10 +201,10 @@ def test_answer_longer_than_output_cap_rejected(tmp_path, tiny_model_dir):
     assert not list(tmp_path.glob("o*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--input_raw", "missing.jsonl"], "input not found"),
-    pytest.param(["--input_raw", "RAW", "--tokenizer", "/nonexistent/tok"], "cannot load tokenizer",
-                 marks=pytest.mark.slow),  # the builder's process imports transformers to try
+    (["--input_raw", "RAW", "--tokenizer", "/nonexistent/tok"], "cannot load tokenizer"),
     (["--input_raw", "RAW", "--catalog", "/nonexistent/catalog.json"], "catalog"),
 ])
 def test_bad_paths_one_line_no_output(tmp_path, args, message):
@@ -216,6 +216,7 @@ def test_bad_paths_one_line_no_output(tmp_path, args, message):
     assert not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.slow
 def test_zero_valid_rows_fails_without_outputs(tmp_path):
     raw = write_raw(tmp_path / "raw.jsonl", ["{bad", "[1, 2]"])
     r = run_cli("--input_raw", str(raw), "--output_sft", str(tmp_path / "o.json"), "--dataset_id", "t")
@@ -223,6 +224,7 @@ def test_zero_valid_rows_fails_without_outputs(tmp_path):
     assert not list(tmp_path.glob("o*"))
 
 
+@pytest.mark.slow
 def test_bad_flag_exits_2():
     r = run_cli("--input_raw", "x", "--output_sft", "y", "--dataset_id", "z", "--holdout_fraction", "1.5")
     assert r.returncode == 2 and "holdout_fraction" in r.stderr
@@ -241,6 +243,7 @@ def test_make_dataset_on_demo_data(demo_dataset):
     assert "AP_INVOICES_ALL" in catalog and demo_dataset["rejects"].read_text() == ""
 
 
+@pytest.mark.slow
 def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
     """--retrieve --schema: records without a context get retrieve_context's; the manifest names them and the
     settings; a question that matches no table is rejected with its line number."""
@@ -272,6 +275,7 @@ def test_retrieve_gives_context_less_records_the_retrieved_context(tmp_path):
     assert kept[demo[40]["id"]]["context"] == Context.model_validate(demo[40]["context"]).model_dump()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--retrieve"], ["--schema", "s.json"], ["--max_context_tokens", "900"]])
 def test_retrieve_flags_go_together(flags):
     r = run_cli("--input_raw", "x", "--output_sft", "y", "--dataset_id", "z", *flags)

@@ -108,6 +108,7 @@ CLOBBER = ["output is the input", "output is a symlink to the input", "output is
            "catalog_out is the input"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CLOBBER)
 def test_two_flags_naming_one_file_are_refused_before_anything_is_touched(tmp_path, case):
     (tmp_path / "raw.jsonl").write_text("\n".join([good(0), good(1)]) + "\n")
@@ -129,6 +130,7 @@ def test_two_flags_naming_one_file_are_refused_before_anything_is_touched(tmp_pa
 
 
 # ---- 2. line splitting --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lines_are_split_on_newline_only_and_numbered_like_wc(tmp_path):
     lines = [
         b"\xef\xbb\xbf" + good(0).encode(),                                   # 1 BOM before record 1: kept
@@ -178,6 +180,7 @@ def test_gold_sql_must_be_a_complete_query_reading_a_table(sql, reason):
     assert problem == reason, detail
 
 
+@pytest.mark.slow
 def test_incomplete_gold_sql_rejected_in_a_real_file(tmp_path):
     bad = ["SELECT", "SELECT *", "SELECT FROM AP_SUPPLIERS", "((SELECT))", "SELECT S.VENDOR_NAME, FROM AP_SUPPLIERS S",
            "SELECT S.VENDOR_NAME FROM AP_SUPPLIERS S GROUP BY", "SELECT COUNT() FROM AP_SUPPLIERS"]
@@ -189,6 +192,7 @@ def test_incomplete_gold_sql_rejected_in_a_real_file(tmp_path):
 
 
 # ---- 4. security filters that cannot be applied ------------------------------------------------------------------
+@pytest.mark.slow
 def test_filters_naming_unknown_tables_or_bad_predicates_reject_the_record(tmp_path):
     org = {"column": "ORG_ID", "predicate": "ORG_ID IN (:org_ids)"}
     ctx_extra = {**DEMO[0]["context"], "tables": [*DEMO[0]["context"]["tables"],
@@ -212,6 +216,7 @@ def test_filters_naming_unknown_tables_or_bad_predicates_reject_the_record(tmp_p
 
 
 # ---- 5. crashes that lost every good record ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pathological_lines_are_rejected_one_by_one(tmp_path):
     deep_sql = "SELECT N FROM " + "(SELECT N FROM " * 400 + "DUAL" + ")" * 400
     lines = [good(0),
@@ -225,6 +230,7 @@ def test_pathological_lines_are_rejected_one_by_one(tmp_path):
                                       5: "invalid_json"}, {DEMO[0]["id"], DEMO[1]["id"]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["parent is a file", "output is a directory", "disk full"])
 def test_filesystem_errors_are_one_line_and_touch_nothing(tmp_path, case):
     (tmp_path / "out").mkdir()
@@ -249,6 +255,7 @@ def test_filesystem_errors_are_one_line_and_touch_nothing(tmp_path, case):
 
 
 # ---- 6. order of checks --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dedupe_counts_only_accepted_records(tmp_path):
     q = DEMO[0]["question"]
     lines = [bad_sql(0, "SELECT", question=q, id="first-bad"),   # 1 invalid, same question as line 2
@@ -271,6 +278,7 @@ def test_too_long_record_does_not_shadow_its_good_twin(tmp_path, tiny_model_dir)
 
 
 # ---- 8. leaks and near-duplicates -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_spelling_variants_of_one_query_stay_on_one_side(tmp_path):
     sql = DEMO[0]["sql"]
     quoted = sql.replace("AP_INVOICES_ALL I", '"AP_INVOICES_ALL" I').replace("S.VENDOR_NAME,", 's."VENDOR_NAME",', 1)
@@ -286,6 +294,7 @@ def test_spelling_variants_of_one_query_stay_on_one_side(tmp_path):
                    {DEMO[0]["id"], DEMO[1]["id"]})
 
 
+@pytest.mark.slow
 def test_near_duplicate_questions_and_ids(tmp_path):
     q = DEMO[0]["question"]
     fullwidth = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in q)
@@ -305,6 +314,7 @@ def test_near_duplicate_questions_and_ids(tmp_path):
 
 
 # ---- 9. size limits ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_oversized_fields_rejected_before_tokenizing(tmp_path):
     lines = [good(0),
              good(1, question="Total invoices " + "x" * 200_000),    # 2 200k-character question
@@ -317,6 +327,7 @@ def test_oversized_fields_rejected_before_tokenizing(tmp_path):
 
 
 # ---- 10. all lines invalid ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_all_invalid_names_the_lines_and_writes_nothing(tmp_path):
     lines = ["{bad", "[1, 2]", "{bad", "{bad", "", bad_sql(0, "SELECT")]
     (tmp_path / "raw.jsonl").write_text("\n".join(lines) + "\n")
@@ -423,6 +434,7 @@ with artifacts.atomic_file_set(finals, "a.json") as staged:
 """
 
 
+@pytest.mark.slow
 def test_kill_during_publish_is_finished_by_the_next_run(tmp_path):
     for n in ("a.json", "b.json", "manifest.json"):
         (tmp_path / n).write_text("old " + n)
@@ -438,6 +450,7 @@ def test_kill_during_publish_is_finished_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "manifest.json"]
 
 
+@pytest.mark.slow
 def test_a_running_build_is_never_cleaned_up_by_another(tmp_path):
     """A staging folder whose build is alive (its lock held) is not a stale one: a second build refuses to start."""
     from artifacts import atomic_file_set

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import PKG, ROOT
 
 SCRIPT = PKG / "build_oracle_sft_dataset.py"
@@ -12,6 +14,7 @@ SPELLINGS = [lambda s: s, lambda s: s + ";", lambda s: f"```sql\n{s}\n```", lamb
              lambda s: s.replace(" ", "\n  ", 1), lambda s: "/* another spelling */ " + s]
 
 
+@pytest.mark.slow
 def test_same_normalized_sql_stays_on_one_side(tmp_path):
     groups = []                                    # 8 demo queries with distinct SQL
     for r in RAW:

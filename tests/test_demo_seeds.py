@@ -31,6 +31,7 @@ def summarize(*args):
                           timeout=60)
 
 
+@pytest.mark.slow
 def test_min_max_over_runs_and_the_gate_on_the_worst(tmp_path):
     runs = [fake_run(tmp_path / "0", 0, 10, 10, 0.6, 0.85), fake_run(tmp_path / "0b", 0, 10, 10, 0.6, 0.85),
             fake_run(tmp_path / "1", 1, 8, 9, 0.55, 0.7, adapter=b"B")]
@@ -48,6 +49,7 @@ def test_min_max_over_runs_and_the_gate_on_the_worst(tmp_path):
     assert gated.returncode == 1 and "worst run reproduced 8/10" in gated.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaks, message", [
     (lambda run: (run / "demo" / "demo_summary.json").unlink(), "cannot read"),
     (lambda run: (run / "quant" / "model.safetensors").unlink(), "not a finished `make demo` run"),

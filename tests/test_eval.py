@@ -151,6 +151,7 @@ def pred_run(d, out, *extra):
                    "--out_dir", out, *extra)
 
 
+@pytest.mark.slow
 def test_predictions_end_to_end(pred_inputs, tmp_path):
     r = pred_run(pred_inputs, tmp_path / "out", "--max_hallucination_rate", "0.125", "--max_unsafe_rate", "0.2",
                  "--max_parse_error_rate", "0", "--max_security_violation_rate", "0.125",
@@ -184,6 +185,7 @@ def test_predictions_end_to_end(pred_inputs, tmp_path):
     assert "backend: DuckDB mirror" in r.stdout
 
 
+@pytest.mark.slow
 def test_threshold_failure_exits_1_and_names_it(pred_inputs, tmp_path):
     r = pred_run(pred_inputs, tmp_path / "out", "--max_unsafe_rate", "0.1", "--max_hallucination_rate", "0.2",
                  "--min_exact_match", "0.5")
@@ -194,6 +196,7 @@ def test_threshold_failure_exits_1_and_names_it(pred_inputs, tmp_path):
     assert (tmp_path / "out" / "report.json").exists()  # the report is written either way
 
 
+@pytest.mark.slow
 def test_predictions_missing_answer_is_bad_input(pred_inputs, tmp_path):
     partial = tmp_path / "partial.jsonl"
     partial.write_text(json.dumps({"id": "ebs-0001", "text": GOLD1}) + "\n")
@@ -247,6 +250,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_args,message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_exits_2_with_one_line(pred_inputs, tmp_path, make_args, message, monkeypatch):
     for var in ("ORACLE_USER", "ORACLE_PASSWORD"):
@@ -258,6 +262,7 @@ def test_bad_input_exits_2_with_one_line(pred_inputs, tmp_path, make_args, messa
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_oracle_for_explain_exits_2(pred_inputs, tmp_path):
     env = {**os.environ, "ORACLE_USER": "guard", "ORACLE_PASSWORD": "s3cret-pw"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--eval_data", pred_inputs / "eval.json", "--catalog",
@@ -521,6 +526,7 @@ def test_candidates_offline_report_ex_at_1_and_selection(ex_inputs, tmp_path):
     assert gold  # the constructed case is built from the demo gold SQL
 
 
+@pytest.mark.slow
 def test_execution_needs_a_backend(ex_inputs, tmp_path):
     r = run_cli("--eval_data", ex_inputs / "eval.json", "--catalog", CATALOG_PATH, "--predictions",
                 ex_inputs / "gold.jsonl", "--min_execution_match", "0.5", "--out_dir", tmp_path / "out")

@@ -319,6 +319,7 @@ def test_csv_with_owner_keeps_schemas_apart(tmp_path, policy):
     assert check("SELECT c FROM lower_t", policy, catalog=cat)["unknown_tables"] == ["LOWER_T"]
 
 
+@pytest.mark.slow
 def test_catalog_cli_builds_an_index(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(CATALOG))
     r = subprocess.run([sys.executable, str(SCRIPT), "catalog", "--from", str(tmp_path / "c.json"), "--out",
@@ -329,6 +330,7 @@ def test_catalog_cli_builds_an_index(tmp_path):
     assert r.returncode == 1 and json.loads(r.stdout)["unknown_columns"] == ["AP_INVOICES_ALL.NOPE"]
 
 
+@pytest.mark.slow
 def test_batch_output_is_ascii_escaped(tmp_path):
     line = json.dumps({"text": f"SELECT invoice_num FROM ap_invoices_all WHERE description = 'a\u2028b' AND {F}"})
     r = subprocess.run([sys.executable, str(SCRIPT), "check", "--batch"], input=line + "\n", capture_output=True,
@@ -337,6 +339,7 @@ def test_batch_output_is_ascii_escaped(tmp_path):
     assert "\u2028" not in r.stdout and len(r.stdout.splitlines()) == 1 and json.loads(r.stdout)["ok"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ctx,match", [
     ({"question": "q", "sql": "SELECT 1 FROM dual", "context": {}}, "whole raw record"),
     ({"tables": [], "filters": []}, "unknown context keys"),
@@ -383,6 +386,7 @@ def test_random_read_only_queries_pass_and_injections_are_caught(sql, injection)
     assert not v["ok"] and code in v["codes"], (injected, v["reasons"])
 
 
+@pytest.mark.slow
 def test_ask_retrieves_the_context_when_none_is_given(fake_server, tmp_path):
     """No --context: the question's context comes from retrieval over the schema (the builder's retriever), and the
     prompt the model sees carries the retrieved tables."""
@@ -443,6 +447,7 @@ def test_ask_candidates_answers_with_the_majority_result(tmp_path):
     assert "candidate 4: rejected" in r.stderr
 
 
+@pytest.mark.slow
 def test_ask_candidates_with_greedy_decoding_is_refused_before_any_request(tmp_path):
     demo = ROOT / "custom_oracle_llama" / "demo"
     r = subprocess.run([sys.executable, str(SCRIPT), "ask", "--base-url", "http://127.0.0.1:9", "--model", "ebs",

@@ -32,6 +32,7 @@ def install(root, *extra):
                           text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_install_adds_files_and_never_touches_xiyan(tmp_path):
     before = fake_xiyan(tmp_path)
     r = install(tmp_path)
@@ -45,6 +46,7 @@ def test_install_adds_files_and_never_touches_xiyan(tmp_path):
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1].startswith("0 added")
 
 
+@pytest.mark.slow
 def test_install_refuses_conflict_before_copying_anything(tmp_path):
     fake_xiyan(tmp_path)
     target = tmp_path / "custom_oracle_llama" / "prompting.py"
@@ -56,6 +58,7 @@ def test_install_refuses_conflict_before_copying_anything(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_install_refuses_non_xiyan_dir(tmp_path):
     r = install(tmp_path)
     assert r.returncode == 2 and "does not look like" in r.stderr and "Traceback" not in r.stderr
@@ -97,6 +100,7 @@ def test_wheelhouse_then_offline_install(tmp_path):
 
 
 # ---- the site's environment: config/offline.env for every stage, config/site.env for where the venvs live --------
+@pytest.mark.slow
 def test_makefile_and_stage_env_read_the_same_file():
     """One environment file: what `make` exports equals what stage_env.apply() sets (tests, serve.py, scripts)."""
     import stage_env
@@ -125,6 +129,7 @@ def test_stage_env_forces_offline_and_keeps_user_settings(tmp_path):
         stage_env.apply({}, files=[bad])
 
 
+@pytest.mark.slow
 def test_stage_env_silences_listed_third_party_warnings_only():
     """DeepSpeed's every-step torch.distributed deprecation and bitsandbytes' `kernels` line are dropped (apply() twice
     is harmless); any other warning or log record, from the same logger too, still shows."""
@@ -142,6 +147,7 @@ def test_stage_env_silences_listed_third_party_warnings_only():
     assert "another bitsandbytes warning" in r.stderr and r.stdout == "1\n"
 
 
+@pytest.mark.slow
 def test_install_records_the_environments_and_serve_finds_vllm_from_the_xiyan_root(tmp_path):
     """From the XiYan root, serve.py finds the vLLM python install_into_xiyan recorded (no --vllm_python)."""
     xiyan, venv, serve_venv = tmp_path / "XiYan-SQLTraining", tmp_path / "envs" / "venv", tmp_path / "envs" / "serve"
@@ -189,6 +195,7 @@ def test_missing_deepspeed_config_is_one_line(tmp_path):
         "or give --deepspeed_config_file custom_oracle_llama/config/dp_zero3.json to accelerate launch"], r.stderr
 
 
+@pytest.mark.slow
 def test_make_train_with_a_wrong_xiyan_root_is_one_line(tmp_path):
     r = subprocess.run(["make", "-s", "train", f"RUNS={tmp_path}", f"XIYAN_ROOT={tmp_path}", "-o",
                         f"{tmp_path}/data/ebs_sft.json"], cwd=ROOT, capture_output=True, text=True, timeout=120)

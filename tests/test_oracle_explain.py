@@ -154,6 +154,7 @@ def test_rejected_sql_never_reaches_the_database(silent_listener):
     assert len(accepted) == 1
 
 
+@pytest.mark.slow
 def test_cli_explain_failure_exits_2_and_hides_password():
     r = subprocess.run([sys.executable, str(SCRIPT), "check", "--explain-dsn", f"127.0.0.1:{_closed_port()}/EBS",
                         "--explain-timeout", "3"], input="SELECT 1 FROM dual", capture_output=True, text=True,

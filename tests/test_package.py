@@ -197,6 +197,7 @@ def _rank_mismatch(base, out):
     (out / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, message", [
     (_other_shape, r"does not match the base model: \S+ is \[\d+, \d+\] in the base but the LoRA update is "),
     (_more_layers, "does not match the base model: it adapts model.layers.4"),
@@ -214,6 +215,7 @@ def test_bad_adapter_refused_without_output(tiny_model_dir, sft_data, tmp_path, 
     assert not out.exists() or not any(out.iterdir()), "no output, not even a partial dir"
 
 
+@pytest.mark.slow
 def test_existing_output_refused_without_force(tiny_model_dir, adapter, sft_data, tmp_path):
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("earlier package")
@@ -246,6 +248,7 @@ def test_force_replaces_an_existing_output(tiny_model_dir, adapter, sft_data, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, where", [("--merged_out", "inside"), ("--quant_out", "same")])
 def test_output_overlapping_an_input_refused(tiny_model_dir, adapter, sft_data, tmp_path, flag, where):
     base = tmp_path / "base"
@@ -319,6 +322,7 @@ def test_subcommands_and_the_default_package(argv, command):
         assert args.quant_method in ("awq", "none") and args.group_size is None and args.quant_recipe is None
 
 
+@pytest.mark.slow
 def test_recipe_and_group_size_refused_before_any_output(tiny_model_dir, adapter, sft_data, tmp_path):
     common = ["--base_model", tiny_model_dir, "--lora_adapter", adapter, "--merged_out", tmp_path / "m",
               "--quant_out", tmp_path / "q", "--calib_data", sft_data]

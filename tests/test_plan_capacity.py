@@ -575,6 +575,7 @@ SERVE_KEYS = {"weights_bytes", "kv_bytes_per_token", "kv_bytes_total", "budget_b
               "max_model_len_that_fits", "decode_floor_ms", "prefill_floor_s"}
 
 
+@pytest.mark.slow
 def test_cli_serve_json_exit_0():
     r = run_cli("serve", "--model_config", CFG_70B, "--vllm_config", YAML_GPU, "--json")
     assert r.returncode == 0, r.stderr
@@ -583,6 +584,7 @@ def test_cli_serve_json_exit_0():
     assert out["fits"] is True and out["weights_bytes"] == 39_500_398_592 and out["kv_bytes_per_token"] == 327_680
 
 
+@pytest.mark.slow
 def test_cli_serve_table_and_flags():
     r = run_cli("serve", "--model_config", CFG_70B, "--vllm_config", YAML_GPU, "--gpu_mem_gib", 80,
                 "--mem_bandwidth_tbps", 2.039, "--bf16_tflops", 312, "--kv_dtype_bytes", 1)
@@ -590,6 +592,7 @@ def test_cli_serve_table_and_flags():
     assert "FITS" in r.stdout and "163,840 B" in r.stdout and "39.50 GB" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_serve_does_not_fit_exit_1(tmp_path):
     y = tmp_path / "big.yaml"
     y.write_text("max-model-len: 131072\nmax-num-seqs: 64\ngpu-memory-utilization: 0.9\n")
@@ -601,6 +604,7 @@ def test_cli_serve_does_not_fit_exit_1(tmp_path):
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_train_json_and_table():
     r = run_cli("train", "--model_config", CFG_70B, "--json")
     assert r.returncode == 0, r.stderr
@@ -611,6 +615,7 @@ def test_cli_train_json_and_table():
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("yaml_text,config,expect", [
     (None, "missing.json", "model config not found"),
     ("max-model-len: [8192\n", None, "not valid YAML"),
@@ -634,11 +639,13 @@ def test_cli_bad_input_exit_2(tmp_path, yaml_text, config, expect):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_missing_yaml_exit_2(tmp_path):
     r = run_cli("serve", "--model_config", CFG_70B, "--vllm_config", tmp_path / "none.yaml")
     assert r.returncode == 2 and "vLLM config not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_serve_users():
     r = run_cli("serve", "--model_config", CFG_70B, "--vllm_config", YAML_GPU, "--users", 40)
     assert r.returncode == 0, r.stderr
@@ -649,6 +656,7 @@ def test_cli_serve_users():
     assert r.returncode == 2 and "--users and --gpus_per_node must be positive" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_train_nodes():
     r = run_cli("train", "--model_config", CFG_70B, "--nodes", 2, "--inter_node_gbps", 100, "--json")
     assert r.returncode == 0, r.stderr
@@ -663,6 +671,7 @@ def test_cli_train_nodes():
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_train_bad_input_exit_2():
     r = run_cli("train", "--model_config", CFG_70B, "--lora_target_modules", "q_proj,qkv_proj")
     assert r.returncode == 2 and "unknown LoRA target modules: qkv_proj" in r.stderr

@@ -220,6 +220,7 @@ def test_cli_question_batch_and_errors(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith(message) and len(r.stderr.splitlines()) == 1, (args, r.stderr)
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_recall_json(tmp_path):
     raw = tmp_path / "raw.jsonl"
     raw.write_text("\n".join(RAW.read_text().splitlines()[:12]) + "\n")

@@ -90,6 +90,7 @@ GATE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,model,base,edits,extra,code,says", GATE_CASES, ids=[c[0] for c in GATE_CASES])
 def test_launcher_gate(tmp_path, model_70b, tiny_config_dir, name, model, base, edits, extra, code, says):
     model_dir = {"70b": model_70b, "tiny": tiny_config_dir, "missing": tmp_path / "nope"}[model]
@@ -105,6 +106,7 @@ def test_launcher_gate(tmp_path, model_70b, tiny_config_dir, name, model, base, 
         assert "FITS" in r.stdout  # the planner's table was printed before the start
 
 
+@pytest.mark.slow
 def test_launcher_missing_yaml_and_bad_yaml(tmp_path, tiny_config_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max-model-len: [\n")
@@ -113,6 +115,7 @@ def test_launcher_missing_yaml_and_bad_yaml(tmp_path, tiny_config_dir):
         assert (r.returncode, argv) == (2, None) and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_launcher_command_and_environment(tmp_path, tiny_config_dir):
     """Host: the YAML's loopback, or 127.0.0.1 when the YAML has none; the API key reaches vLLM only through its
     environment (argv is visible in `ps`); offline flags forced, a user's cache folder kept; extra flags after `--`

@@ -68,6 +68,7 @@ def test_readme_site_path_has_every_step():
 
 
 # ---- README figures: the planner blocks are what the command prints ----------------------------------------------
+@pytest.mark.slow
 def test_readme_capacity_plan_is_what_the_command_prints():
     """The block under the two commands is their output, optional [flags] included (the README shows them run)."""
     cmds = [re.sub(r"\[([^\]]*)\]", r"\1", c) for c in commands(readme_block("Capacity plan"))]

@@ -522,6 +522,7 @@ def catalog_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_check_ok_and_rejected(catalog_file):
     r = run_cli("check", "--catalog", str(catalog_file), stdin="```sql\nSELECT invoice_num FROM ap_invoices_all "
                                                                     "WHERE org_id IN (:org_ids);\n```")
@@ -537,6 +538,7 @@ def test_cli_check_ok_and_rejected(catalog_file):
     assert len(r.stdout.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_context_security_filters(tmp_path):
     ctx = tmp_path / "ctx.json"
     ctx.write_text(json.dumps({"tables": [], "security_filters": ORG}))
@@ -544,6 +546,7 @@ def test_cli_context_security_filters(tmp_path):
     assert r.returncode == 1 and json.loads(r.stdout)["codes"] == ["security_filter"]
 
 
+@pytest.mark.slow
 def test_cli_batch_in_order(catalog_file):
     lines = [{"text": "SELECT invoice_num FROM ap_invoices_all WHERE org_id IN (:org_ids)", "id": "a"},
              {"text": "DROP TABLE ap_invoices_all"},
@@ -560,6 +563,7 @@ def test_cli_batch_in_order(catalog_file):
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,stdin,match", [
     (["check", "--catalog", "/nonexistent/catalog.json"], "SELECT 1 FROM dual", "cannot read catalog"),
     (["check", "--policy", "/nonexistent/p.yaml"], "SELECT 1 FROM dual", "cannot read policy"),
@@ -577,12 +581,14 @@ def test_cli_config_errors_exit_2_with_one_line(args, stdin, match):
     assert len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["check", "--bogus"], ["frobnicate"], ["ask", "--model", "m"]])
 def test_cli_usage_errors_exit_2(args):
     r = run_cli(*args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_help_documents_every_flag():
     parser = g.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "cmd").choices
@@ -597,6 +603,7 @@ def test_cli_help_documents_every_flag():
     assert "Exit codes" in top.stdout and "--version" in top.stdout
 
 
+@pytest.mark.slow
 def test_pure_python_switch_gives_identical_verdicts(catalog_file):
     """ORACLE_GUARD_PURE_SQLGLOT=1 really loads the .py sources, and verdicts match the compiled run."""
     compiled = run_cli("--version")
@@ -696,6 +703,7 @@ def test_ask_never_returns_unvalidated_sql(fake_server, policy, answers, ok, ret
         assert "cut off" in out["attempts"][0]["verdict"]["reasons"][-1]
 
 
+@pytest.mark.slow
 def test_ask_cli_round_trip(fake_server, tmp_path, catalog_file):
     url, srv = fake_server
     srv.answers = [("SELECT nope FROM ap_invoices_all", "stop"),
@@ -709,6 +717,7 @@ def test_ask_cli_round_trip(fake_server, tmp_path, catalog_file):
     assert out["retried"] and out["ok"] and "attempt 1: rejected" in r.stderr and "attempt 2: ok" in r.stderr
 
 
+@pytest.mark.slow
 def test_ask_endpoint_400_is_one_line_error_without_retry(fake_server, tmp_path, catalog_file):
     """vLLM answers 400 when a prompt exceeds max-model-len: `ask` stops with one line naming the status and vLLM's
     message (exit 2, nothing on stdout), and does not send the retry (there is no answer to give reasons about)."""
@@ -727,6 +736,7 @@ def test_ask_endpoint_400_is_one_line_error_without_retry(fake_server, tmp_path,
     assert len(srv.requests) == 1
 
 
+@pytest.mark.slow
 def test_ask_unreachable_endpoint_is_one_line_error(tmp_path, catalog_file):
     ctx = tmp_path / "ctx.json"
     ctx.write_text(json.dumps(CONTEXT))

@@ -86,6 +86,7 @@ def dead_url() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- keys tool
+@pytest.mark.slow
 def test_keys_tool_prints_key_once_and_stores_only_its_hash(tmp_path):
     keys = tmp_path / "keys.yaml"
     r = add_user(keys, "finance-ui", "204,458")
@@ -124,6 +125,7 @@ CONFIG_CASES = [  # (name, config edits, stderr has)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,edits,msg", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_config_is_refused_with_its_reason(tmp_path, name, edits, msg):
     add_user(tmp_path / "keys.yaml", "u", "1")
@@ -135,6 +137,7 @@ def test_bad_config_is_refused_with_its_reason(tmp_path, name, edits, msg):
         sql_service.create_app(sql_service.load_config(path))
 
 
+@pytest.mark.slow
 def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):
     path = tmp_path / "service.yaml"
     path.write_text(yaml.safe_dump({"backends": [dead_url()], "catalog": str(CATALOG), "audit_log": "a.jsonl",
@@ -289,6 +292,7 @@ ROUTES = [("POST", "/v1/sql"), ("POST", "/v1/feedback"), ("GET", "/metrics"), ("
           ("GET", "/docs"), ("GET", "/no/such/route")]  # unknown paths too: nothing answers an unknown caller
 
 
+@pytest.mark.slow
 def test_every_route_refuses_a_missing_or_wrong_key(dead_service):
     base, alice = dead_service["base"], dead_service["keys"]["alice"]
     bad_headers = [{}, auth("oebs_not-a-key"), auth(alice + "x"), {"Authorization": f"Basic {alice}"},
@@ -382,6 +386,7 @@ def test_audit_log_one_parseable_line_per_request_and_no_key(dead_service):
         assert key not in text and key[5:20] not in text
 
 
+@pytest.mark.slow
 def test_no_answer_leaves_without_its_audit_line(tmp_path):
     """An audit log that cannot be written (here /dev/full: every write fails with ENOSPC) turns every audited
     request into a 503 with one clear line, never a 500 or an unaudited answer; /health still answers."""
@@ -424,6 +429,7 @@ def test_feedback_is_checked_in_the_callers_scope_and_appended_in_builder_format
     RawRecord.model_validate(rec)  # what `make dataset` will read
 
 
+@pytest.mark.slow
 def test_keys_file_changes_apply_without_restart(dead_service):
     base, tmp = dead_service["base"], dead_service["tmp"]
     carol = add_user(tmp / "keys.yaml", "carol", "204").stdout.strip()
