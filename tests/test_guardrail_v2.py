@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import sql_guardrail as g
 from artifacts import StageError
 from guardrail.codes import CODES
-from test_sql_guardrail import CATALOG, fake_server  # noqa: F401 (fixture)
+from test_sql_guardrail import CATALOG
+from test_guardrail_cli import fake_server  # noqa: F401 (fixture)
 from serving import send_json
 
 ROOT = Path(__file__).resolve().parents[1]
