@@ -360,6 +360,12 @@ def train(argv=None, load_model=load_bf16_model) -> dict:
         print(f"adapter OK ({summary['lora_tensors']} LoRA tensors), loss {manifest['first_loss']} -> "
               f"{manifest['final_loss']}, {partition['partitioned_params']}/{partition['params']} params "
               f"partitioned by ZeRO-3 -> {out}")
+    # Every rank leaves together, after rank 0 has written the manifest: ranks that exited while rank 0 still held
+    # the process group made the 2-machine launch abort at teardown (SIGABRT on rank 1, 1 CI run in 3, 2026-12-02).
+    # If rank 0 fails above, its launcher stops the waiting ranks.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return summary
 
 
